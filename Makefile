@@ -1,0 +1,45 @@
+# pofa: `make demo` runs the tiny recipe end to end, `make test` runs the test suite.
+# Both build the virtualenv .venv/ on first use (`make install`), and skip that when it is current.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# An exact torch pin: where no NVIDIA GPU is present this is the CPU build (here it lies on
+# disk). Never leave torch unpinned: the default wheel on PyPI is a multi-GB CUDA build.
+TORCH_VERSION ?= 2.13.0
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench-preprocess bench-sparsity bench-train clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile deploy/check_toolchain.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	deploy/check_toolchain.sh $(PY)
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
+	echo "torch==$$($(PY) -c 'import torch; print(torch.__version__)')" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	$(PY) -c "import torch; gpu = torch.cuda.is_available(); print('pofa: torch', torch.__version__, 'GPU' if gpu else 'CPU')"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/pofa run tiny
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-preprocess: install
+	$(PY) tests/bench/bench_preprocess.py
+
+bench-sparsity: install
+	$(PY) tests/bench/bench_sparsity.py
+
+bench-train: install
+	$(PY) tests/bench/bench_train.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,36 @@
+"""Connecting to Ray: an existing cluster when an address is given, else a local instance."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import ray
+
+from orchestrator.recipe.schema import RayConfig
+
+log = logging.getLogger("pofa")
+
+
+def connect(cfg: RayConfig) -> str:
+    """Connect (or start locally) and return the address. The local dashboard and its Jobs API listen on
+    127.0.0.1 only unless the recipe opts in: they run arbitrary code for anyone who can reach them."""
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # Workers inherit the driver's sys.path through this, so `pofa` code from a source tree is importable.
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(),
+                                                                          os.environ.get("PYTHONPATH")]))}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        if cfg.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+            warnings.warn(f"ray.dashboard_host={cfg.dashboard_host}: the Ray dashboard and Jobs API will accept "
+                          "unauthenticated requests that run arbitrary code from anyone who can reach that address")
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host=cfg.dashboard_host,
+                 runtime_env=runtime_env, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+    return ray.get_runtime_context().gcs_address
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

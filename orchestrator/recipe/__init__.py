@@ -1,0 +1,1 @@
+"""Recipes: the typed schema, loading, overrides and the built-in recipes."""

@@ -1,0 +1,34 @@
+"""What a stage is to the pipeline runner: a config section, the inputs it depends on, and a run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from orchestrator.recipe.schema import Recipe
+from orchestrator.rundir import RunDir
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    run_dir: RunDir
+    stage_dir: str
+
+
+@dataclass
+class StageResult:
+    stats: dict[str, Any]
+    outputs: dict[str, str]  # path relative to the stage dir -> sha256
+
+
+class Stage(Protocol):
+    name: str
+
+    def config(self, recipe: Recipe) -> dict[str, Any]:
+        """The recipe values this stage's outputs depend on (part of its fingerprint)."""
+
+    def inputs(self, ctx: StageContext) -> dict[str, Any]:
+        """Identity of what the stage reads: upstream fingerprints, source files (part of its fingerprint)."""
+
+    def run(self, ctx: StageContext) -> StageResult:
+        ...

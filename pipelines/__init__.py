@@ -1,0 +1,1 @@
+"""pofa pipelines layer."""

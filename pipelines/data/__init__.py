@@ -1,0 +1,1 @@
+"""Pretraining data: sources, cleaning, sentence pairs, masking, splits."""

@@ -1,0 +1,25 @@
+"""The unit every source yields: one document, before cleaning."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class RawDocument:
+    doc_id: str  # stable identity (page id, dataset id, file:line): decides the train/validation split
+    title: str
+    text: str
+    markup: Literal["wikitext", "plain"]
+
+
+class SkipCounter(Counter):
+    """reason -> number of documents skipped for it; merged across shards into the manifest."""
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self[reason] += n
+
+
+class SourceError(RuntimeError):
+    """A source that cannot be read on: names the file and the position."""

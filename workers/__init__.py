@@ -1,0 +1,1 @@
+"""pofa workers layer."""

@@ -1,0 +1,1 @@
+"""The preprocess stage as a Ray Data job."""

@@ -1,0 +1,94 @@
+"""The two halves of the preprocess job that run on Ray workers: reading shards and processing them."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import pyarrow as pa
+
+from pipelines.data.config import PreprocessConfig
+from pipelines.data.documents import RawDocument, SkipCounter
+from pipelines.data.shard import SPLITS, process_shard
+from pipelines.data.sources import ReadUnit, iter_documents
+from pipelines.data.tokenizer import load_tokenizer
+from pipelines.atomic import write_json_atomic, write_parquet_atomic
+
+
+def shard_id(unit: int, chunk: int) -> str:
+    return f"{unit:05d}-{chunk:06d}"
+
+
+def read_shards(batch: dict, cfg_json: str) -> Iterator[pa.Table]:
+    """Cut one read unit into shards of `documents_per_shard` consecutive documents, one row each.
+
+    Documents the reader itself skips (redirects, other namespaces, malformed records) are attributed to
+    the shard that follows them, so the counts do not depend on scheduling.
+    """
+    cfg = PreprocessConfig.model_validate_json(cfg_json)
+    for unit_index, location in zip(batch["unit"], batch["location"]):
+        unit = ReadUnit(int(unit_index), str(location))
+        skipped = SkipCounter()
+        docs: list[RawDocument] = []
+        chunk = 0
+        limit = cfg.source.max_documents
+        for n, doc in enumerate(iter_documents(cfg.source, unit, skipped)):
+            if limit is not None and n >= limit:
+                break
+            docs.append(doc)
+            if len(docs) == cfg.documents_per_shard:
+                yield _shard_row(unit.index, chunk, docs, skipped)
+                docs, chunk = [], chunk + 1
+                skipped.clear()  # in place: the reader generator holds this counter
+        if docs or skipped:
+            yield _shard_row(unit.index, chunk, docs, skipped)
+
+
+def _shard_row(unit: int, chunk: int, docs: list[RawDocument], skipped: SkipCounter) -> pa.Table:
+    return pa.table({
+        "shard_id": [shard_id(unit, chunk)],
+        "doc_ids": [[d.doc_id for d in docs]],
+        "titles": [[d.title for d in docs]],
+        "texts": [[d.text for d in docs]],
+        "markup": [[d.markup for d in docs]],
+        "reader_skipped": [json.dumps(dict(skipped))],
+    })
+
+
+class ShardProcessor:
+    """An actor per worker: loads the tokenizer once, turns shard rows into Parquet files.
+
+    A shard whose completion record exists (from an interrupted earlier attempt with the same
+    fingerprint) is not redone: preprocessing full Wikipedia resumes at shard granularity.
+    """
+
+    def __init__(self, cfg_json: str, seed: int, out_dir: str, tokenizer_dir: str):
+        self.cfg = PreprocessConfig.model_validate_json(cfg_json)
+        self.seed = seed
+        self.out_dir = out_dir
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        # Sentences are tokenized whole and cut to length later: silence the model-length warning.
+        self.tokenizer.model_max_length = 1 << 30
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        results = [self._one(row) for row in batch.to_pylist()]
+        return pa.table({"shard_id": [r["shard_id"] for r in results], "result": [json.dumps(r) for r in results]})
+
+    def _one(self, row: dict) -> dict:
+        sid = row["shard_id"]
+        record_path = os.path.join(self.out_dir, ".shards", f"{sid}.json")
+        if os.path.exists(record_path):
+            with open(record_path) as f:
+                return json.load(f)
+        docs = [RawDocument(i, t, x, m) for i, t, x, m in zip(row["doc_ids"], row["titles"], row["texts"], row["markup"])]
+        tables, stats = process_shard(docs, sid, self.cfg, self.seed, self.tokenizer)
+        for reason, n in json.loads(row["reader_skipped"]).items():
+            stats.skipped.skip(reason, n)
+        files = {}
+        for split in SPLITS:
+            if tables[split].num_rows:
+                rel = f"{split}/shard-{sid}.parquet"
+                files[rel] = write_parquet_atomic(tables[split], os.path.join(self.out_dir, rel))
+        record = {"shard_id": sid, "stats": stats.as_dict(), "files": files}
+        write_json_atomic(record, record_path)
+        return record
