@@ -36,7 +36,12 @@ def choose_run_dir(recipe: Recipe, explicit: Optional[str], root: str = DEFAULT_
             path = os.path.join(root, entry)
             if entry.startswith(recipe.name + "-") and _read(os.path.join(path, "recipe.yaml")) == mine:
                 return path
-    return os.path.join(root, f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    base = os.path.join(root, f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = base, 1
+    while os.path.exists(path):  # two runs started within the same second
+        n += 1
+        path = f"{base}-{n}"
+    return path
 
 
 def _read(path: str) -> Optional[str]:

@@ -1,0 +1,30 @@
+"""Shared fixtures: one local Ray instance per test session, and the real data gensim ships."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipelines.data.paths import resolve_source_path
+
+GENSIM_WIKI = "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+GENSIM_POLARITY = "pkg://gensim/test/test_data/pang_lee_polarity.cor"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance shared by the integration tests (starting one costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def wiki_dump() -> str:
+    path = resolve_source_path(GENSIM_WIKI)
+    assert os.path.exists(path), "gensim's Wikipedia fragment is missing: is gensim installed?"
+    return path

@@ -1,0 +1,55 @@
+"""The run directory: one process at a time, nothing outside it, one recipe per directory."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.recipe.load import load_recipe
+from orchestrator.rundir import RunDir, RunDirError, choose_run_dir
+
+
+def test_second_process_is_refused_while_the_first_holds_the_lock(tmp_path):
+    rd = RunDir(str(tmp_path / "run"))
+    rd.acquire()
+    try:
+        code = ("from orchestrator.rundir import RunDir, RunDirError\n"
+                f"try:\n    RunDir({str(tmp_path / 'run')!r}).acquire()\nexcept RunDirError as e:\n"
+                "    print(e); raise SystemExit(3)\n")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert res.returncode == 3 and f"in use by pid {os.getpid()}" in res.stdout
+    finally:
+        rd.release()
+    RunDir(str(tmp_path / "run")).acquire()  # free again once released
+
+
+def test_paths_cannot_escape(tmp_path):
+    rd = RunDir(str(tmp_path / "run"))
+    assert rd.inside("preprocess", "train").startswith(str(tmp_path / "run"))
+    with pytest.raises(RunDirError, match="outside the run directory"):
+        rd.inside("..", "elsewhere")
+    os.makedirs(tmp_path / "run", exist_ok=True)
+    os.symlink("/etc", tmp_path / "run" / "sneaky")
+    with pytest.raises(RunDirError):
+        rd.inside("sneaky", "passwd")
+
+
+def test_run_dir_of_another_recipe_is_refused(tmp_path):
+    rd = RunDir(str(tmp_path / "run"))
+    rd.write_recipe(load_recipe("tiny"))
+    other = load_recipe("tiny", ["name=other"])
+    with pytest.raises(RunDirError, match="belongs to recipe 'tiny', not 'other'"):
+        rd.check_recipe(other, force=False)
+    rd.check_recipe(other, force=True)
+
+
+def test_default_run_dir_resumes_the_same_recipe(tmp_path):
+    recipe = load_recipe("tiny")
+    root = str(tmp_path / "runs")
+    first = choose_run_dir(recipe, None, root)
+    assert os.path.basename(first).startswith("tiny-")
+    RunDir(first).write_recipe(recipe)
+    assert choose_run_dir(recipe, None, root) == first  # same command, same run
+    changed = load_recipe("tiny", ["seed=1"])
+    assert choose_run_dir(changed, None, root) != first
+    assert choose_run_dir(recipe, str(tmp_path / "x"), root) == str(tmp_path / "x")
