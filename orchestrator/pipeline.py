@@ -13,7 +13,9 @@ import time
 from typing import Callable, Iterable, Optional
 
 from orchestrator.manifest import MANIFEST, fingerprint, read_manifest, why_stale, write_manifest
+from orchestrator.recipe.load import dump_recipe
 from orchestrator.recipe.schema import Recipe
+from orchestrator.tracking import TrackingSession, flatten_params
 from orchestrator.rundir import RunDir
 from orchestrator.stages import ORDER, STAGES, StageContext
 from pipelines.atomic import write_json_atomic
@@ -37,10 +39,13 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
     rd.acquire()
     manifests: dict[str, dict] = {}
     connected = False
+    tracking = None
     try:
         rd.check_recipe(recipe, force)
-        rd.write_recipe(recipe)
         console(f"pofa: run directory {rd.path}")
+        tracking = open_tracking(recipe, rd)  # before any cluster work: an unreachable server fails here
+        rd.write_recipe(recipe)
+        tracking.log_artifact(os.path.join(rd.path, "recipe.yaml"))
         for name in selected:
             stage = STAGES[name]
             ctx = StageContext(recipe, rd, rd.stage_dir(name))
@@ -56,16 +61,59 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             if not connected:
                 from orchestrator.ray_runtime import connect
 
-                console(f"pofa: Ray at {connect(recipe.ray)}")
+                address = connect(recipe.ray)
+                console(f"pofa: Ray at {address}")
+                tracking.set_tags({"ray.address": address})
                 connected = True
+            tracking.start_stage(name, params=flatten_params(config))
+            ctx.tracker = tracking.tracker(name)
             started = time.time()
-            result = stage.run(ctx)
+            try:
+                result = stage.run(ctx)
+            except BaseException as exc:
+                tracking.end_stage(name, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+                raise
             manifests[name] = write_manifest(ctx.stage_dir, name, fp, inputs, config, result.stats, result.outputs,
                                              started)
+            record_stage(tracking, name, manifests[name], ctx.stage_dir)
             console(f"[{name}] done in {manifests[name]['wall_time_s']:.1f}s")
+        tracking.finish("FINISHED")
+        view = tracking.how_to_view()
+        if view:
+            console(view)
+    except BaseException as exc:
+        if tracking is not None:
+            tracking.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         rd.release()
     return manifests
+
+
+def open_tracking(recipe: Recipe, rd: RunDir) -> TrackingSession:
+    """The run directory's MLflow parent run (reused on every rerun). The full recipe becomes its params the
+    first time; a rerun with changed values records them on the stage runs it redoes instead, since
+    MLflow params cannot change."""
+    previous = os.path.join(rd.path, "recipe.yaml")
+    same = not os.path.exists(previous) or open(previous).read() == dump_recipe(recipe)
+    return TrackingSession.open(recipe.tracking, rd.path, recipe=recipe.model_dump(mode="json") if same else None,
+                                run_name=os.path.basename(rd.path))
+
+
+def record_stage(tracking: TrackingSession, name: str, manifest: dict, stage_dir: str) -> None:
+    """The manifest's numeric statistics as metrics, and the manifest itself as an artifact."""
+    numeric = {k: float(v) for k, v in flatten_params(manifest["stats"]).items() if _is_number(v)}
+    tracking.log_metrics(numeric, step=0, key=name)
+    tracking.log_artifact(os.path.join(stage_dir, MANIFEST), key=name)
+    tracking.end_stage(name, "FINISHED")
+
+
+def _is_number(v: object) -> bool:
+    try:
+        float(v)  # type: ignore[arg-type]
+        return not isinstance(v, bool)
+    except (TypeError, ValueError):
+        return False
 
 
 def _prepare_attempt(stage_dir: str, fp: str, clean: bool) -> None:

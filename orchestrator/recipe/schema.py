@@ -6,6 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestrator.tracking.config import TrackingConfig
 from pipelines.data.config import PreprocessConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -30,6 +31,7 @@ class Recipe(BaseModel):
     stages: list[Literal["preprocess"]] = ["preprocess"]
     ray: RayConfig = RayConfig()
     preprocess: PreprocessConfig
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("name")
     @classmethod

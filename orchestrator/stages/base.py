@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from workers.tracking import NullTracker, Tracker
+
 from orchestrator.recipe.schema import Recipe
 from orchestrator.rundir import RunDir
 
@@ -13,6 +15,7 @@ class StageContext:
     recipe: Recipe
     run_dir: RunDir
     stage_dir: str
+    tracker: Tracker = NullTracker()  # the stage's MLflow run, for loops that log as they go
 
 
 @dataclass

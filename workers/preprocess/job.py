@@ -74,7 +74,7 @@ def run_preprocess(cfg: PreprocessConfig, seed: int, out_dir: str) -> tuple[dict
     # Readers take no CPU slot: they only decompress and split, and a reader waiting for a slot that the
     # processors hold would stall the stream. Their number is bounded instead.
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"cfg_json": cfg_json},
-                        num_cpus=0, concurrency=max(1, min(len(units), cfg.num_workers)))
+                        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=max(1, min(len(units), cfg.num_workers))))
     ds = ds.map_batches(ShardProcessor, batch_size=1, batch_format="pyarrow",
                         fn_constructor_kwargs={"cfg_json": cfg_json, "seed": seed, "out_dir": out_dir,
                                                "tokenizer_dir": tokenizer_dir},

@@ -1,0 +1,99 @@
+"""The `tracking` recipe section and how it resolves to a concrete MLflow store."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# File names inside the run directory (the embedded default store).
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+
+
+class TrackingConfig(BaseModel):
+    """Where and how a pipeline run is recorded in MLflow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # None: MLFLOW_TRACKING_URI if set, else a SQLite store inside the run directory.
+    uri: str | None = None
+    experiment: str = "pofa"
+    # The background sender delivers buffered records this often; a crash loses at most this much.
+    flush_interval_s: float = Field(default=5.0, gt=0)
+    # How long flush() at a checkpoint or stage end may wait for delivery before giving up
+    # (records stay buffered and are sent later; training never waits longer than this).
+    flush_timeout_s: float = Field(default=10.0, ge=0)
+    # Per-request limits for HTTP stores: short, because the sender retries on its own with backoff.
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    request_max_retries: int = Field(default=0, ge=0)
+    # Backoff of the sender's own retry loop while the tracking server is down.
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+    # Stage start/end calls (create a nested run, mark it finished) keep retrying a down server
+    # this long; then a stage start fails with a clear error and a stage end only warns.
+    boundary_retry_s: float = Field(default=60.0, ge=0)
+    # The start-up reachability check of a remote server fails after this long.
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(f"tracking.uri: empty string {value!r}; leave it unset for the default store")
+        return value
+
+    @field_validator("experiment")
+    @classmethod
+    def _check_experiment(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"tracking.experiment: empty name {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class ResolvedStore:
+    """A tracking URI plus where new experiments keep their artifacts (None: the server decides)."""
+
+    uri: str
+    artifact_location: str | None
+
+
+def default_store_uri(run_dir: str | os.PathLike[str]) -> str:
+    """The embedded SQLite store of a run directory (absolute, so it survives a chdir)."""
+    return f"sqlite:///{Path(run_dir).resolve() / DB_FILE}"
+
+
+def resolve_store(config: TrackingConfig, run_dir: str | os.PathLike[str]) -> ResolvedStore:
+    """Pick the store: recipe `tracking.uri`, then `MLFLOW_TRACKING_URI`, then `<run_dir>/mlflow.db`.
+
+    Local database stores get their artifacts under `<run_dir>/mlartifacts`: MLflow would
+    otherwise put them under `./mlruns` of whatever the current directory is.
+    """
+    uri = config.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri(run_dir)
+    if is_local_database(uri):
+        artifacts = (Path(run_dir).resolve() / ARTIFACTS_DIR).as_uri()
+        return ResolvedStore(uri=uri, artifact_location=artifacts)
+    return ResolvedStore(uri=uri, artifact_location=None)
+
+
+def is_local_database(uri: str) -> bool:
+    return urlparse(uri).scheme == "sqlite"
+
+
+def is_http(uri: str) -> bool:
+    return urlparse(uri).scheme in ("http", "https")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI; None for other stores or in-memory SQLite."""
+    if not is_local_database(uri):
+        return None
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if not path or path == ":memory:":
+        return None
+    # sqlite:////abs/path gives "/abs/path"; sqlite:///rel/path gives "rel/path".
+    return Path(path)

@@ -1,0 +1,389 @@
+"""One pipeline run in MLflow: a parent run, a nested run per stage, resumable by run directory.
+
+The orchestrator opens a `TrackingSession` per `pofa run`, calls `start_stage` / `end_stage`
+around each stage it executes, and hands `session.tracker(stage)` (picklable) to the training
+loop. All MLflow calls use explicit run ids through `MlflowClient`: the fluent API keeps its
+active run per thread, which makes extra runs when Ray tasks log (see pitfalls).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+from workers.tracking import NullTracker, Tracker
+
+from orchestrator.tracking.config import ResolvedStore, TrackingConfig, resolve_store
+from orchestrator.tracking.connection import (
+    TrackingUnreachableError,
+    apply_request_settings,
+    check_reachable,
+)
+from orchestrator.tracking.models import log_hf_model
+from orchestrator.tracking.params import flatten_params
+from orchestrator.tracking.registry import RunRegistry, StageEntry, StoreEntry
+from orchestrator.tracking.tags import (
+    PARENT_RUN_TAG,
+    RUN_STATUS_TAG,
+    STAGE_STATUS_TAG,
+    STAGE_TAG,
+    default_tags,
+)
+from orchestrator.tracking.tracker import AsyncMlflowTracker, SenderSettings
+from orchestrator.tracking.ui import how_to_view, mlflow_ui_command
+
+logger = logging.getLogger("pofa.tracking")
+T = TypeVar("T")
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_PARAMS_PER_REQUEST = 100
+
+
+class TrackingSession:
+    """MLflow bookkeeping of one run directory. With `enabled: false` every method is a no-op."""
+
+    def __init__(self, config: TrackingConfig, run_dir: str | os.PathLike[str]) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir).resolve()
+        self.enabled = config.enabled
+        self.store: ResolvedStore = resolve_store(config, self.run_dir)
+        self.settings = SenderSettings.from_config(config)
+        self._registry = RunRegistry.load(self.run_dir) if self.enabled else RunRegistry()
+        self._entry: StoreEntry | None = None
+        self._trackers: dict[str | None, AsyncMlflowTracker] = {}
+        self._client: Any = None
+        self.resumed = False
+
+    # -- opening ----------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        config: TrackingConfig,
+        run_dir: str | os.PathLike[str],
+        *,
+        recipe: Mapping[str, Any] | None = None,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> "TrackingSession":
+        """Check the store, then find this run directory's parent run or create it.
+
+        `recipe` (the resolved recipe as a dict) is logged as flattened params on the parent.
+        Raises TrackingUnreachableError within `connect_timeout_s` if a server does not answer.
+        """
+        session = cls(config, run_dir)
+        if session.enabled:
+            check_reachable(session.uri, config.connect_timeout_s)
+            apply_request_settings(config.request_timeout_s, config.request_max_retries)
+            # pofa version and git commit always; the caller adds Ray address and worker count.
+            session._open_parent(run_name or session.run_dir.name, {**default_tags(), **dict(tags or {})})
+            if recipe is not None:
+                session.log_params(flatten_params(recipe))
+        return session
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self._entry.parent_run_id if self._entry else None
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self._entry.experiment_id if self._entry else None
+
+    def _open_parent(self, run_name: str, tags: dict[str, str]) -> None:
+        entry = self._registry.stores.get(self.uri)
+        if entry is not None and self._run_usable(entry.parent_run_id):
+            self.resumed = True
+            self._reopen(entry.parent_run_id)
+            self._retry("tag the resumed parent run", lambda: self._set_tags_now(entry.parent_run_id, tags))
+        else:
+            if entry is not None:
+                logger.warning(
+                    "pofa: MLflow run %s recorded in %s is gone from %s; starting a new parent run",
+                    entry.parent_run_id, self.run_dir / "tracking.json", self.uri,
+                )
+            experiment_id = self._retry("find the MLflow experiment", self._get_or_create_experiment)
+            run = self._retry(
+                "create the parent run",
+                lambda: self.client.create_run(experiment_id, tags=tags, run_name=run_name),
+            )
+            entry = StoreEntry(experiment_id=experiment_id, parent_run_id=run.info.run_id)
+        entry.status = "RUNNING"
+        self._entry = entry
+        self._registry.stores[self.uri] = entry
+        self._registry.save(self.run_dir)
+
+    def _get_or_create_experiment(self) -> str:
+        name = self.config.experiment
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            return self.client.create_experiment(name, artifact_location=self.store.artifact_location)
+        if experiment.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"tracking.experiment {name!r} is deleted in {self.uri}; restore it in MLflow "
+                "or choose another tracking.experiment"
+            )
+        return experiment.experiment_id
+
+    # -- stages -----------------------------------------------------------------------------------
+    def start_stage(
+        self,
+        key: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str | None:
+        """The nested run of stage (or sub-run) `key`, e.g. "teacher" or "finetune/sst2/seed1".
+
+        An unfinished run recorded for `key` is reused (resume); a finished one means the stage
+        is run again, which gets a new nested run. The parent of "a/b/c" is the run of the
+        nearest started prefix ("a/b", then "a"), else the pipeline's parent run.
+        """
+        if not self.enabled:
+            return None
+        entry = self._require_entry()
+        stage = entry.stages.get(key)
+        stage_tags = {STAGE_TAG: key, STAGE_STATUS_TAG: "running", **dict(tags or {})}
+        if stage is not None and stage.status != "FINISHED" and self._run_usable(stage.run_id):
+            self._reopen(stage.run_id)
+            run_id = stage.run_id
+            self._retry(f"tag stage {key!r}", lambda: self._set_tags_now(run_id, stage_tags))
+        else:
+            parent = self._parent_of(key)
+            run = self._retry(
+                f"create the MLflow run of stage {key!r}",
+                lambda: self.client.create_run(
+                    entry.experiment_id, tags={PARENT_RUN_TAG: parent, **stage_tags}, run_name=key
+                ),
+            )
+            run_id = run.info.run_id
+        entry.stages[key] = StageEntry(run_id=run_id, status="RUNNING")
+        self._registry.save(self.run_dir)
+        if params:
+            self.log_params(flatten_params(params), key=key)
+        return run_id
+
+    def end_stage(self, key: str, status: str = "FINISHED") -> None:
+        """Deliver what the orchestrator logged for `key`, then mark its run FINISHED/FAILED/KILLED."""
+        if not self.enabled:
+            return
+        status = _check_status(status)
+        entry = self._require_entry()
+        if key not in entry.stages:
+            raise ValueError(f"stage {key!r} was never started in this tracking session")
+        run_id = entry.stages[key].run_id
+        tracker = self._trackers.get(key)
+        if tracker is not None:
+            tracker.flush()
+        self._terminate(run_id, status, f"stage {key!r}", STAGE_STATUS_TAG)
+        entry.stages[key].status = status
+        self._registry.save(self.run_dir)
+
+    def stage_run_id(self, key: str) -> str | None:
+        if self._entry is None or key not in self._entry.stages:
+            return None
+        return self._entry.stages[key].run_id
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End of the pipeline: deliver everything buffered here and close the parent run."""
+        if not self.enabled or self._entry is None:
+            return
+        status = _check_status(status)
+        for tracker in self._trackers.values():
+            tracker.close()
+        self._terminate(self._entry.parent_run_id, status, "the pipeline run", RUN_STATUS_TAG)
+        self._entry.status = status
+        self._registry.save(self.run_dir)
+
+    # -- logging ----------------------------------------------------------------------------------
+    def tracker(self, key: str | None = None) -> Tracker:
+        """The non-blocking tracker of stage `key` (None: the parent run), for the training loop.
+
+        Picklable: Ray ships it to the rank-0 worker, where it opens its own client and thread.
+        """
+        if not self.enabled:
+            return NullTracker()
+        return self._tracker(key)
+
+    def log_params(self, params: Mapping[str, str], key: str | None = None) -> None:
+        """Record params now (synchronously): a value differing from the recorded one is an error."""
+        if not self.enabled or not params:
+            return
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
+        run_id = self._run_id_of(key)
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for start in range(0, len(items), _PARAMS_PER_REQUEST):
+            chunk = items[start : start + _PARAMS_PER_REQUEST]
+            try:
+                self._retry("log params", lambda: self.client.log_batch(run_id, params=chunk))
+            except MlflowException as exc:
+                raise ValueError(
+                    f"MLflow run {run_id} of {self.run_dir} already records different values for "
+                    f"these params ({str(exc)[:500]}); the run directory belongs to another recipe: "
+                    "use a new run directory"
+                ) from exc
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, key: str | None = None) -> None:
+        """Buffered, like the training loop's tracker (e.g. the preprocess manifest's statistics)."""
+        if self.enabled:
+            self._tracker(key).log_metrics(metrics, step)
+
+    def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None,
+                     key: str | None = None) -> None:
+        """Buffered upload of a file or folder (recipe, manifests, PNGs) to stage `key`'s run."""
+        if self.enabled:
+            self._tracker(key).log_artifact(str(local_path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str], key: str | None = None) -> None:
+        if self.enabled:
+            self._tracker(key).set_tags(tags)
+
+    def log_model(self, model_dir: str | os.PathLike[str], *, key: str | None = None,
+                  name: str = "model", task: str = "fill-mask",
+                  registered_model_name: str | None = None) -> str | None:
+        """Log an exported HF folder as an MLflow transformers model; returns its model URI."""
+        if not self.enabled:
+            return None
+        return log_hf_model(self.uri, self._run_id_of(key), model_dir, name=name, task=task,
+                            registered_model_name=registered_model_name)
+
+    def log_stage_plots(self, key: str, out_dir: str | os.PathLike[str]) -> list[Path]:
+        """Draw `loss.png` / `sparsity.png` from what stage `key` logged and attach them to its run.
+
+        Reads the metric history from the store, so call it after the stage's trackers flushed.
+        """
+        if not self.enabled:
+            return []
+        from orchestrator.tracking.plots import stage_plots
+
+        paths = self._retry("read the metric history",
+                            lambda: stage_plots(self.client, self._run_id_of(key), out_dir))
+        for path in paths:
+            self.log_artifact(path, "plots", key=key)
+        return paths
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return all([t.flush(timeout_s) for t in self._trackers.values()])
+
+    def how_to_view(self) -> str | None:
+        """The console line with the exact `mlflow ui` command (or server URL) for this run."""
+        if not self.enabled or self._entry is None:
+            return None
+        return how_to_view(self.uri, self._entry.experiment_id, self._entry.parent_run_id)
+
+    def ui_command(self) -> str | None:
+        return mlflow_ui_command(self.uri) if self.enabled else None
+
+    # -- internals --------------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def _tracker(self, key: str | None) -> AsyncMlflowTracker:
+        if key not in self._trackers:
+            self._trackers[key] = AsyncMlflowTracker(self.uri, self._run_id_of(key), self.settings)
+        return self._trackers[key]
+
+    def _run_id_of(self, key: str | None) -> str:
+        entry = self._require_entry()
+        if key is None:
+            return entry.parent_run_id
+        if key not in entry.stages:
+            raise ValueError(f"stage {key!r} has no MLflow run yet: call start_stage({key!r}) first")
+        return entry.stages[key].run_id
+
+    def _require_entry(self) -> StoreEntry:
+        if self._entry is None:
+            raise RuntimeError("tracking session is not open: use TrackingSession.open(...)")
+        return self._entry
+
+    def _parent_of(self, key: str) -> str:
+        entry = self._require_entry()
+        parts = key.split("/")
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = "/".join(parts[:cut])
+            if prefix in entry.stages:
+                return entry.stages[prefix].run_id
+        return entry.parent_run_id
+
+    def _run_usable(self, run_id: str) -> bool:
+        """The run still exists in this store and is not deleted."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._retry("look up a recorded run", lambda: self.client.get_run(run_id))
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return run.info.lifecycle_stage != "deleted"
+
+    def _reopen(self, run_id: str) -> None:
+        # A run whose process died stays RUNNING (mlflow#4248); one that failed is set back.
+        self._retry("reopen a run", lambda: self.client.update_run(run_id, status="RUNNING"))
+
+    def _set_tags_now(self, run_id: str, tags: Mapping[str, str]) -> None:
+        if tags:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def _terminate(self, run_id: str, status: str, what: str, status_tag: str) -> None:
+        def mark() -> None:
+            self._set_tags_now(run_id, {status_tag: status.lower()})
+            self.client.set_terminated(run_id, status)
+
+        try:
+            self._retry(f"mark {what} {status}", mark)
+        except TrackingUnreachableError as exc:
+            # The work itself is done and recorded in the run directory; only MLflow lags.
+            logger.warning("pofa: %s", exc)
+
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
+        """Retry a stage-boundary call while the store is down, up to boundary_retry_s."""
+        deadline = time.monotonic() + self.config.boundary_retry_s
+        delay = self.config.retry_initial_s
+        warned = False
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise TrackingUnreachableError(
+                        f"could not {what} in MLflow at {self.uri} within "
+                        f"{self.config.boundary_retry_s:g} s: {str(exc)[:300]}"
+                    ) from exc
+                if not warned:
+                    logger.warning("pofa: MLflow at %s failed to %s (%s); retrying", self.uri, what,
+                                   str(exc)[:200])
+                    warned = True
+                time.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max_s)
+
+
+def _transient(exc: Exception) -> bool:
+    """Worth retrying: the store is down or busy, not refusing the request itself."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST")
+    # OSError: connection failures below MLflow; OperationalError: a locked SQLite database.
+    return isinstance(exc, OSError) or type(exc).__name__ == "OperationalError"
+
+
+def _check_status(status: str) -> str:
+    value = status.upper()
+    if value not in TERMINAL_STATUSES:
+        raise ValueError(f"status {status!r}: expected one of {', '.join(TERMINAL_STATUSES)}")
+    return value
