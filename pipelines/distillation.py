@@ -1,0 +1,143 @@
+"""Knowledge-distillation losses for the student (MLM+NSP), QA (start/end) and sequence
+classification.
+
+    total = hard_weight * hard + kd_weight * kd
+    kd    = KL(softmax(teacher / T) || softmax(student / T)) * T**2   (mean over examples/tokens)
+
+Defaults follow Prune OFA: 0.5 / 0.5, T = 2.0. Where a task has several heads (MLM and NSP,
+start and end), each part is the mean over the heads. The teacher runs in eval mode without
+gradients (`teacher_logits`). Every loss returns its parts so the loop can log them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+class DistillationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hard_weight: float = Field(0.5, ge=0.0)
+    kd_weight: float = Field(0.5, ge=0.0)
+    temperature: float = Field(2.0, gt=0.0)
+    # MLM distillation over every non-padding token (the reference) or only the masked ones
+    mlm_positions: Literal["tokens", "masked"] = "tokens"
+
+
+@dataclass
+class DistillationLoss:
+    total: Tensor
+    hard: Tensor
+    kd: Tensor
+
+    def as_metrics(self, prefix: str = "loss") -> dict[str, float]:
+        return {prefix: float(self.total.detach()), f"{prefix}/hard": float(self.hard.detach()),
+                f"{prefix}/kd": float(self.kd.detach())}
+
+
+def _wide(x: Tensor) -> Tensor:
+    """Upcast half precision for the softmax; leave fp32/fp64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+          valid: Tensor | None = None) -> Tensor:
+    """Mean over rows of KL(teacher_T || student_T) * T^2; logits [..., C], `valid` selects rows."""
+    classes = student_logits.shape[-1]
+    s = student_logits.reshape(-1, classes)
+    t = teacher_logits.detach().reshape(-1, classes)
+    if valid is not None:
+        keep = valid.reshape(-1).to(torch.bool)
+        s, t = s[keep], t[keep]
+    if s.shape[0] == 0:
+        return student_logits.sum() * 0.0  # keeps the graph and the device
+    log_p_s = F.log_softmax(_wide(s) / temperature, dim=-1)
+    log_p_t = F.log_softmax(_wide(t) / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) / s.shape[0]
+    return kl * temperature**2
+
+
+def combine(hard: Tensor, kd: Tensor, cfg: DistillationConfig) -> DistillationLoss:
+    return DistillationLoss(total=cfg.hard_weight * hard + cfg.kd_weight * kd, hard=hard, kd=kd)
+
+
+def mlm_nsp_loss(student_mlm: Tensor, student_nsp: Tensor, teacher_mlm: Tensor, teacher_nsp: Tensor,
+                 labels: Tensor, next_sentence_label: Tensor, cfg: DistillationConfig,
+                 attention_mask: Tensor | None = None) -> DistillationLoss:
+    """Pre-training student loss. hard = MLM CE + NSP CE (as BertForPreTraining);
+    kd = mean of the MLM KL (per token) and the NSP KL (per pair)."""
+    vocab = student_mlm.shape[-1]
+    # CE only on the masked rows: same value as over all rows with ignore_index, ~7x less softmax work
+    flat_labels = labels.reshape(-1)
+    picked = flat_labels != IGNORE_INDEX
+    mlm_ce = (F.cross_entropy(_wide(student_mlm.reshape(-1, vocab)[picked]), flat_labels[picked])
+              if bool(picked.any()) else student_mlm.sum() * 0.0)
+    hard = (mlm_ce + F.cross_entropy(_wide(student_nsp.reshape(-1, 2)), next_sentence_label.reshape(-1)))
+    if cfg.mlm_positions == "masked":
+        valid = labels != IGNORE_INDEX
+    else:
+        valid = attention_mask.bool() if attention_mask is not None else None
+    kd = 0.5 * (kd_kl(student_mlm, teacher_mlm, cfg.temperature, valid)
+                + kd_kl(student_nsp, teacher_nsp, cfg.temperature))
+    return combine(hard, kd, cfg)
+
+
+def qa_loss(student_start: Tensor, student_end: Tensor, teacher_start: Tensor, teacher_end: Tensor,
+            start_positions: Tensor, end_positions: Tensor, cfg: DistillationConfig) -> DistillationLoss:
+    """Extractive QA: hard = mean of start/end CE (positions outside the sequence ignored, as in
+    transformers); kd = mean of the start and end KL."""
+    seq_len = student_start.shape[-1]
+    start = start_positions.clamp(0, seq_len)  # seq_len acts as the ignored index
+    end = end_positions.clamp(0, seq_len)
+    hard = 0.5 * (F.cross_entropy(_wide(student_start), start, ignore_index=seq_len)
+                  + F.cross_entropy(_wide(student_end), end, ignore_index=seq_len))
+    kd = 0.5 * (kd_kl(student_start, teacher_start, cfg.temperature)
+                + kd_kl(student_end, teacher_end, cfg.temperature))
+    return combine(hard, kd, cfg)
+
+
+def sequence_classification_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                                 cfg: DistillationConfig) -> DistillationLoss:
+    """Classification: CE + KL. Regression (one output, e.g. STS-B): MSE to the label and MSE to
+    the teacher's prediction (no temperature)."""
+    if student_logits.shape[-1] == 1:
+        pred = _wide(student_logits.squeeze(-1))
+        hard = F.mse_loss(pred, labels.to(pred.dtype))
+        kd = F.mse_loss(pred, teacher_logits.detach().squeeze(-1).to(pred.dtype))
+    else:
+        hard = F.cross_entropy(_wide(student_logits), labels.reshape(-1))
+        kd = kd_kl(student_logits, teacher_logits, cfg.temperature)
+    return combine(hard, kd, cfg)
+
+
+LABEL_KEYS = ("labels", "next_sentence_label", "start_positions", "end_positions")
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, batch: Mapping[str, Any]) -> Any:
+    """Teacher forward in eval mode, no gradients, labels dropped (logits only)."""
+    teacher.eval()
+    return teacher(**{k: v for k, v in batch.items() if k not in LABEL_KEYS})
+
+
+def distillation_loss(task: Literal["pretraining", "qa", "classification"], student_out: Any, teacher_out: Any,
+                      batch: Mapping[str, Tensor], cfg: DistillationConfig) -> DistillationLoss:
+    """Dispatch on the task with transformers model outputs (BertForPreTraining,
+    *ForQuestionAnswering, *ForSequenceClassification)."""
+    if task == "pretraining":
+        return mlm_nsp_loss(student_out.prediction_logits, student_out.seq_relationship_logits,
+                            teacher_out.prediction_logits, teacher_out.seq_relationship_logits,
+                            batch["labels"], batch["next_sentence_label"], cfg, batch.get("attention_mask"))
+    if task == "qa":
+        return qa_loss(student_out.start_logits, student_out.end_logits, teacher_out.start_logits,
+                       teacher_out.end_logits, batch["start_positions"], batch["end_positions"], cfg)
+    if task == "classification":
+        return sequence_classification_loss(student_out.logits, teacher_out.logits, batch["labels"], cfg)
+    raise ValueError(f"distillation task={task!r} is not one of pretraining, qa, classification")

@@ -1,0 +1,166 @@
+"""Pruning masks that stay exact under DeepSpeed (ZeRO 0/1/2/3, fp32/bf16).
+
+Zeroing the module weights is not enough: DeepSpeed writes its fp32 master copy back at the next
+step, and Adam's moments revive pruned weights (deepspeedai/DeepSpeed#2424). After every
+optimizer step this enforcer zeroes the pruned entries in the module parameters, the fp32 master
+weights and the optimizer state (exp_avg, exp_avg_sq), using DeepSpeed's public accessors:
+
+- ZeRO-3: `safe_get/set_local_fp32_param` and `safe_get/set_local_optimizer_state` on the rank's
+  own partition (no communication), plus the rank's low-precision partition `param.ds_tensor`.
+- ZeRO-1/2 and the bf16 optimizer: `safe_get/set_full_fp32_param` and
+  `safe_get/set_full_optimizer_state` (the getters all-reduce over the data-parallel group, so
+  every rank must call `enforce` at the same point, as the training loop does), plus the
+  replicated module weight.
+- no master copy (ZeRO-0, fp32): the module weight and the torch optimizer's state.
+- ZeRO-0 with bf16/fp16 (DeepSpeed's FP16_Optimizer) keeps an fp32 copy that no public accessor
+  reaches: refused with a ValueError when the enforcer is built (use stage >= 1).
+
+Cost: the ZeRO-1/2 getters all-reduce full tensors (3 per pruned weight per step); ZeRO-3 works
+on local partitions only. Tested on CPU/gloo with 2 ranks: tests/workers/test_deepspeed_masks.py.
+
+Parameters are looked up by name on `engine.module` every time (never cached objects).
+Use with `pipelines.sparsity.PruningCallback(engine.module, cfg, enforcer=DeepSpeedMaskEnforcer(engine))`.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from deepspeed import comm as dist
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_get_local_fp32_param,
+    safe_get_local_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
+)
+from torch import Tensor
+
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+ZERO3, MASTER, PLAIN = "zero3", "master", "plain"
+
+
+def _is_zero3(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+class DeepSpeedMaskEnforcer:
+    """`pipelines.sparsity.MaskEnforcer` for a DeepSpeed engine."""
+
+    def __init__(self, engine: Any, state_keys: Iterable[str] = ADAM_STATE_KEYS) -> None:
+        self.engine = engine
+        self.state_keys = tuple(state_keys)
+        self._check_supported()
+        # name -> (kind, mask in the layout of the copy enforce() edits, full mask)
+        self._masks: dict[str, tuple[str, Tensor, Tensor]] = {}
+        self._installed_at = -1  # engine.global_steps when the masks were installed
+
+    def _check_supported(self) -> None:
+        """Refuse set-ups whose master copy has no public accessor (fail before training, not
+        with silently regrowing weights): ZeRO-0 with bf16/fp16 uses DeepSpeed's FP16_Optimizer,
+        whose fp32 copy `safe_get_full_fp32_param` cannot reach. Collective: all ranks."""
+        p = next((q for q in self.engine.module.parameters() if q.requires_grad), None)
+        if p is None or _is_zero3(p) or p.dtype == torch.float32:
+            return
+        if safe_get_full_fp32_param(p) is None:
+            raise ValueError(
+                f"DeepSpeed optimizer {type(self.engine.optimizer).__name__} (zero_optimization.stage="
+                f"{self.engine.zero_optimization_stage()}, {p.dtype}) exposes no fp32 master copy through "
+                "deepspeed.utils.safe_get_full_fp32_param, so pruning masks cannot be enforced on it; use "
+                "zero_optimization.stage >= 1 (or fp32)"
+            )
+
+    def _param(self, name: str) -> torch.nn.Parameter:
+        return self.engine.module.get_parameter(name)
+
+    def _kind(self, param: torch.nn.Parameter) -> str:
+        """Collective for ZeRO-1/2: call on every rank (set_masks is)."""
+        if _is_zero3(param):
+            return ZERO3
+        # ZeRO-1/2 and the bf16 optimizer keep an fp32 master copy; the public getter returns
+        # None exactly when there is none (fp32 without ZeRO).
+        return PLAIN if safe_get_full_fp32_param(param) is None else MASTER
+
+    # -- MaskEnforcer protocol -----------------------------------------------------------------
+    def read_weights(self, names: Sequence[str]) -> dict[str, Tensor]:
+        """Full fp32 weights (from the master copy when there is one). Collective: all ranks."""
+        out: dict[str, Tensor] = {}
+        for name in names:
+            p = self._param(name)
+            full = safe_get_full_fp32_param(p)  # None without a master copy
+            out[name] = (full if full is not None else p.detach()).float().clone()
+        return out
+
+    def set_masks(self, masks: Mapping[str, Tensor]) -> None:
+        self._masks = {}
+        for name, keep in masks.items():
+            p = self._param(name)
+            kind = self._kind(p)
+            if kind == ZERO3:
+                # the rank's partition: a slice of the flattened parameter, padded to world * part
+                group = getattr(p, "ds_process_group", None)
+                part = p.ds_tensor.numel()
+                rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
+                flat = keep.reshape(-1).to("cpu", torch.bool)
+                padded = torch.ones(max(part * world, flat.numel()), dtype=torch.bool)
+                padded[: flat.numel()] = flat
+                local = padded[rank * part : (rank + 1) * part].to(p.ds_tensor.device)
+                self._masks[name] = (kind, local, keep.to(device=p.device, dtype=torch.bool))
+            else:
+                full = keep.to(device=p.device, dtype=torch.bool)
+                self._masks[name] = (kind, full, full)
+        self._installed_at = self.engine.global_steps
+        # Weights and master copy now. The optimizer state is zeroed by the next `enforce`, after
+        # the next step: DeepSpeed links the master-copy views of the optimizer state lazily at the
+        # first step after start-up or `load_checkpoint`, and moments used by that one step only
+        # move entries that `enforce` zeroes again right after it.
+        self._enforce_all(with_state=False)
+
+    def enforce(self) -> None:
+        self._enforce_all(with_state=self.engine.global_steps > self._installed_at)
+
+    @torch.no_grad()
+    def _enforce_all(self, with_state: bool) -> None:
+        keys = self.state_keys if with_state else ()
+        for name, (kind, keep, full) in self._masks.items():
+            p = self._param(name)
+            if kind == ZERO3:
+                self._enforce_zero3(p, keep, full, keys)
+            elif kind == MASTER:
+                self._enforce_master(p, keep, keys)
+            else:
+                self._enforce_plain(p, keep, keys)
+
+    # -- per layout --------------------------------------------------------------------------
+    def _enforce_zero3(self, p: torch.nn.Parameter, keep: Tensor, full: Tensor, keys: tuple[str, ...]) -> None:
+        lp = p.ds_tensor
+        lp.data.mul_(keep.to(lp.dtype))
+        if p.data.numel() == p.ds_numel:
+            # persistent (small) parameters stay gathered between steps: mask the full copy too
+            p.data.mul_(full.to(p.dtype).reshape(p.data.shape))
+        hp = safe_get_local_fp32_param(p)
+        if hp is not None:
+            safe_set_local_fp32_param(p, hp * keep.to(hp.device, hp.dtype))
+        for key in keys:
+            st = safe_get_local_optimizer_state(p, key)
+            safe_set_local_optimizer_state(p, st * keep.to(st.device, st.dtype), key)
+
+    def _enforce_master(self, p: torch.nn.Parameter, keep: Tensor, keys: tuple[str, ...]) -> None:
+        p.data.mul_(keep.to(p.dtype))
+        hp = safe_get_full_fp32_param(p)
+        safe_set_full_fp32_param(p, hp * keep.to(hp.device, hp.dtype))
+        for key in keys:
+            st = safe_get_full_optimizer_state(p, key)
+            safe_set_full_optimizer_state(p, st * keep.to(st.device, st.dtype), key)
+
+    def _enforce_plain(self, p: torch.nn.Parameter, keep: Tensor, keys: tuple[str, ...]) -> None:
+        p.data.mul_(keep.to(p.dtype))
+        state = getattr(self.engine.optimizer, "state", {}).get(p) or {}
+        for key in keys:
+            t = state.get(key)
+            if isinstance(t, Tensor) and t.shape == p.shape:
+                t.mul_(keep.to(t.dtype))
