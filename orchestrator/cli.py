@@ -3,14 +3,17 @@
     pofa run RECIPE [--set a.b=value ...] [--run-dir DIR] [--stages s1,s2] [--force]
     pofa validate RECIPE [--set ...]
     pofa recipes
+    pofa submit RECIPE --address http://HOST:8265 [--set ...] [--run-dir URI] [--wait]
+    pofa status|logs|stop JOB [--address ...]
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from typing import Optional, Sequence
 
+from orchestrator.jobs_cli import JOB_COMMANDS, add_job_commands, run_job_command
 from orchestrator.recipe.load import RecipeError, builtin_recipes, dump_recipe, load_recipe
 from orchestrator.rundir import RunDirError, choose_run_dir
 
@@ -33,11 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="print the resolved recipe, or its errors")
     recipe_args(val)
     sub.add_parser("recipes", help="list the built-in recipes")
+    add_job_commands(sub)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in JOB_COMMANDS:
+        return run_job_command(args)
     try:
         if args.command == "recipes":
             for name, desc in builtin_recipes().items():
@@ -50,23 +56,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from orchestrator.pipeline import run_pipeline, select_stages
 
         stages = select_stages(recipe, args.stages.split(",") if args.stages else None)
-        manifests = run_pipeline(recipe, choose_run_dir(recipe, args.run_dir), stages, args.force)
-        _summary(manifests)
+        run_dir = choose_run_dir(recipe, args.run_dir)
+        manifests = run_pipeline(recipe, run_dir, stages, args.force)
+        _summary(manifests, run_dir)
         return 0
     except (RecipeError, RunDirError, ValueError) as exc:
         print(f"pofa: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _summary(manifests: dict[str, dict]) -> None:
+def _summary(manifests: dict[str, dict], run_dir: str) -> None:
+    """One screen at the end: data, teacher vs student, sparsity, time per stage, where to look."""
+    def fmt(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
     pre = manifests.get("preprocess", {}).get("stats")
+    print("\n== pofa summary ==")
     if pre:
-        keys = ["documents_train", "documents_validation", "documents_skipped", "sentences", "instances_train",
-                "instances_validation", "tokens", "short_seq_fraction", "nsp_random_fraction", "masked_token_fraction"]
-        print("preprocess:")
-        for k in keys:
-            v = pre.get(k)
-            print(f"  {k:22s} {json.dumps(v) if isinstance(v, dict) else (f'{v:.4f}' if isinstance(v, float) else v)}")
+        print(f"data      {pre['documents_train']} train / {pre['documents_validation']} validation documents, "
+              f"{pre['instances_train']} / {pre['instances_validation']} instances, {pre['tokens']} tokens")
+    rows = [(s, manifests[s]["stats"]) for s in ("teacher", "student") if s in manifests]
+    if rows:
+        print(f"{'model':9s} {'val/mlm_acc':>11s} {'val/nsp_acc':>11s} {'val/loss':>9s} {'sparsity':>9s} {'steps':>6s}")
+        for name, st in rows:
+            print(f"{name:9s} {fmt(st.get('val/mlm_acc')):>11s} {fmt(st.get('val/nsp_acc')):>11s} "
+                  f"{fmt(st.get('val/loss')):>9s} {fmt(st.get('sparsity/global')):>9s} {fmt(st.get('final_step')):>6s}")
+    times = ", ".join(f"{s} {m.get('wall_time_s', 0):.0f}s" for s, m in manifests.items() if m.get("wall_time_s"))
+    if times:
+        print(f"time      {times} (this run's work; skipped stages show their original time)")
+    report = os.path.join(run_dir, "report", "README.md")
+    if os.path.exists(report):
+        print(f"report    {report}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import time
 from typing import Callable, Iterable, Optional
 
 from orchestrator.manifest import MANIFEST, fingerprint, read_manifest, why_stale, write_manifest
-from orchestrator.recipe.load import dump_recipe
 from orchestrator.recipe.schema import Recipe
 from orchestrator.tracking import TrackingSession, flatten_params
 from orchestrator.rundir import RunDir
@@ -56,16 +55,16 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
                 console(f"[{name}] up to date (manifest matches): skipped")
                 manifests[name] = read_manifest(ctx.stage_dir) or {}
                 continue
-            _prepare_attempt(ctx.stage_dir, fp, clean=force)
+            resumed = _prepare_attempt(ctx.stage_dir, fp, clean=force)
             console(f"[{name}] running ({reason})")
-            if not connected:
+            if not connected and getattr(stage, "needs_ray", True):
                 from orchestrator.ray_runtime import connect
 
                 address = connect(recipe.ray)
                 console(f"pofa: Ray at {address}")
                 tracking.set_tags({"ray.address": address})
                 connected = True
-            tracking.start_stage(name, params=flatten_params(config))
+            tracking.start_stage(name, params=flatten_params(config), fresh=not resumed)
             ctx.tracker = tracking.tracker(name)
             started = time.time()
             try:
@@ -75,7 +74,7 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
                 raise
             manifests[name] = write_manifest(ctx.stage_dir, name, fp, inputs, config, result.stats, result.outputs,
                                              started)
-            record_stage(tracking, name, manifests[name], ctx.stage_dir)
+            record_stage(tracking, name, manifests[name], ctx.stage_dir, result.model_dir, console)
             console(f"[{name}] done in {manifests[name]['wall_time_s']:.1f}s")
         tracking.finish("FINISHED")
         view = tracking.how_to_view()
@@ -94,17 +93,31 @@ def open_tracking(recipe: Recipe, rd: RunDir) -> TrackingSession:
     """The run directory's MLflow parent run (reused on every rerun). The full recipe becomes its params the
     first time; a rerun with changed values records them on the stage runs it redoes instead, since
     MLflow params cannot change."""
-    previous = os.path.join(rd.path, "recipe.yaml")
-    same = not os.path.exists(previous) or open(previous).read() == dump_recipe(recipe)
-    return TrackingSession.open(recipe.tracking, rd.path, recipe=recipe.model_dump(mode="json") if same else None,
+    first = not os.path.exists(os.path.join(rd.path, "tracking.json"))
+    return TrackingSession.open(recipe.tracking, rd.path, recipe=recipe.model_dump(mode="json") if first else None,
                                 run_name=os.path.basename(rd.path))
 
 
-def record_stage(tracking: TrackingSession, name: str, manifest: dict, stage_dir: str) -> None:
-    """The manifest's numeric statistics as metrics, and the manifest itself as an artifact."""
-    numeric = {k: float(v) for k, v in flatten_params(manifest["stats"]).items() if _is_number(v)}
-    tracking.log_metrics(numeric, step=0, key=name)
+def record_stage(tracking: TrackingSession, name: str, manifest: dict, stage_dir: str, model_dir: Optional[str],
+                 console: Callable[[str], None]) -> None:
+    """The manifest's statistics as metrics; manifest, sparsity report, plots and model as artifacts.
+
+    Tracking problems after a stage finished only warn: the stage's outputs are safe on disk, and a
+    multi-day run must not fail over a plot."""
+    if name == "preprocess":  # training stages log their metrics step by step as they run
+        numeric = {k: float(v) for k, v in flatten_params(manifest["stats"]).items() if _is_number(v)}
+        tracking.log_metrics(numeric, step=0, key=name)
     tracking.log_artifact(os.path.join(stage_dir, MANIFEST), key=name)
+    if model_dir:
+        for report in ("sparsity.json", "sparsity.png"):
+            if os.path.exists(os.path.join(model_dir, report)):
+                tracking.log_artifact(os.path.join(model_dir, report), "sparsity", key=name)
+        try:
+            tracking.flush()
+            tracking.log_stage_plots(name, os.path.join(stage_dir, "plots"))
+            tracking.log_model(model_dir, key=name, name=f"{name}-model")
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            console(f"[{name}] warning: could not record plots/model in MLflow: {exc}")
     tracking.end_stage(name, "FINISHED")
 
 
@@ -116,17 +129,20 @@ def _is_number(v: object) -> bool:
         return False
 
 
-def _prepare_attempt(stage_dir: str, fp: str, clean: bool) -> None:
-    """Keep an interrupted attempt's partial work only if it was made with the same fingerprint."""
+def _prepare_attempt(stage_dir: str, fp: str, clean: bool) -> bool:
+    """Keep an interrupted attempt's partial work only if it was made with the same fingerprint.
+    Returns whether an earlier attempt is being continued."""
     attempt = os.path.join(stage_dir, ATTEMPT)
     previous = None
     if os.path.exists(attempt):
         with open(attempt) as f:
             previous = json.load(f).get("fingerprint")
-    if clean or previous != fp:
+    resumed = not clean and previous == fp
+    if not resumed:
         shutil.rmtree(stage_dir, ignore_errors=True)
     os.makedirs(stage_dir, exist_ok=True)
     manifest = os.path.join(stage_dir, MANIFEST)
     if os.path.exists(manifest):
         os.unlink(manifest)  # an unfinished stage must never look finished
     write_json_atomic({"fingerprint": fp, "started": time.time()}, attempt)
+    return resumed

@@ -18,6 +18,12 @@ def connect(cfg: RayConfig) -> str:
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        # `pofa submit` reads RAY_ADDRESS as the dashboard URL (the `ray job` convention); `pofa run` on this
+        # machine then means a local instance, not a connection to that URL.
+        log.warning("RAY_ADDRESS=%s is a Jobs API URL: use `pofa submit` to run there; starting Ray locally",
+                    address)
+        address = None
     # Workers inherit the driver's sys.path through this, so `pofa` code from a source tree is importable.
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(),
                                                                           os.environ.get("PYTHONPATH")]))}}

@@ -4,10 +4,16 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.tracking.config import TrackingConfig
 from pipelines.data.config import PreprocessConfig
+from pipelines.distillation import DistillationConfig
+from pipelines.models.config import ModelConfig
+from pipelines.sparsity.config import PruningConfig
+from pipelines.training.config import TrainConfig
+
+StageName = Literal["preprocess", "teacher", "student", "report"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -21,6 +27,24 @@ class RayConfig(BaseModel):
     dashboard_host: str = "127.0.0.1"
 
 
+class StudentConfig(TrainConfig):
+    """The student trains like the teacher, plus pruning and distillation from the frozen teacher."""
+
+    pruning: PruningConfig = PruningConfig()
+    distillation: DistillationConfig = DistillationConfig()
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.model_dump(exclude={"pruning", "distillation"}))
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "StudentConfig":
+        sched = self.pruning.schedule
+        if sched.kind == "cubic" and sched.policy_end_step > self.max_steps:
+            raise ValueError(f"pruning.schedule.policy_end_step={sched.policy_end_step} is after max_steps="
+                             f"{self.max_steps}: the target sparsity would never be reached")
+        return self
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -28,10 +52,22 @@ class Recipe(BaseModel):
     description: str = ""
     seed: int = Field(default=42, ge=0, lt=2**31)
     run_dir: Optional[str] = None
-    stages: list[Literal["preprocess"]] = ["preprocess"]
+    stages: list[StageName] = ["preprocess", "teacher", "student", "report"]
     ray: RayConfig = RayConfig()
     preprocess: PreprocessConfig
+    model: Optional[ModelConfig] = None
+    teacher: Optional[TrainConfig] = None
+    student: Optional[StudentConfig] = None
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _sections_for_stages(self) -> "Recipe":
+        needs = {"teacher": ("model", "teacher"), "student": ("student",)}
+        for stage in self.stages:
+            for section in needs.get(stage, ()):
+                if getattr(self, section) is None:
+                    raise ValueError(f"{section}: required when stages include {stage!r}")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -1,8 +1,10 @@
 """The job graph's stages, in the order they run."""
 from orchestrator.stages.base import Stage, StageContext
 from orchestrator.stages.preprocess import PreprocessStage
+from orchestrator.stages.report import ReportStage
+from orchestrator.stages.training import StudentStage, TeacherStage
 
-STAGES: dict[str, Stage] = {s.name: s for s in (PreprocessStage(),)}
+STAGES: dict[str, Stage] = {s.name: s for s in (PreprocessStage(), TeacherStage(), StudentStage(), ReportStage())}
 ORDER = list(STAGES)
 
 __all__ = ["STAGES", "ORDER", "Stage", "StageContext"]

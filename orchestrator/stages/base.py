@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 from workers.tracking import NullTracker, Tracker
 
@@ -22,6 +22,7 @@ class StageContext:
 class StageResult:
     stats: dict[str, Any]
     outputs: dict[str, str]  # path relative to the stage dir -> sha256
+    model_dir: Optional[str] = None  # an exported Hugging Face model, logged to MLflow as a model
 
 
 class Stage(Protocol):

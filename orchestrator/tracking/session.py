@@ -135,8 +135,11 @@ class TrackingSession:
         *,
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, str] | None = None,
+        fresh: bool = False,
     ) -> str | None:
         """The nested run of stage (or sub-run) `key`, e.g. "teacher" or "finetune/sst2/seed1".
+
+        `fresh`: never reuse the recorded run (the stage restarts from scratch with another config).
 
         An unfinished run recorded for `key` is reused (resume); a finished one means the stage
         is run again, which gets a new nested run. The parent of "a/b/c" is the run of the
@@ -147,7 +150,7 @@ class TrackingSession:
         entry = self._require_entry()
         stage = entry.stages.get(key)
         stage_tags = {STAGE_TAG: key, STAGE_STATUS_TAG: "running", **dict(tags or {})}
-        if stage is not None and stage.status != "FINISHED" and self._run_usable(stage.run_id):
+        if stage is not None and not fresh and stage.status != "FINISHED" and self._run_usable(stage.run_id):
             self._reopen(stage.run_id)
             run_id = stage.run_id
             self._retry(f"tag stage {key!r}", lambda: self._set_tags_now(run_id, stage_tags))
@@ -377,7 +380,8 @@ def _transient(exc: Exception) -> bool:
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
-        return exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST")
+        return exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
+                                      "UNAUTHENTICATED", "PERMISSION_DENIED")  # wrong credentials: fail now
     # OSError: connection failures below MLflow; OperationalError: a locked SQLite database.
     return isinstance(exc, OSError) or type(exc).__name__ == "OperationalError"
 

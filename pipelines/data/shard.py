@@ -72,6 +72,11 @@ def clean_document(doc: RawDocument, skipped: SkipCounter) -> str | None:
             skipped.skip("disambiguation")
             return None
         text = clean_wikitext(code)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates (e.g. from surrogateescape): the tokenizer cannot take them
+        skipped.skip("undecodable")
+        return None
     text = text.replace("\x00", "").strip()
     if not text:
         skipped.skip("empty")

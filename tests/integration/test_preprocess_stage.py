@@ -19,7 +19,8 @@ STATS_KEYS = {"documents_train", "documents_validation", "documents_skipped", "s
 
 def _run(run_dir, overrides=(), lines=None, **kw):
     recipe = load_recipe("tiny", [*FAST, *overrides])
-    return run_pipeline(recipe, str(run_dir), console=(lines.append if lines is not None else lambda _: None), **kw)
+    return run_pipeline(recipe, str(run_dir), stages=["preprocess"],
+                        console=(lines.append if lines is not None else lambda _: None), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_local_hf_dataset_source(ray_local, tmp_path):
 
 def test_cli_end_to_end_and_lock(tmp_path):
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", "tiny", "--run-dir", str(tmp_path / "run"),
-           "--set", "preprocess.source.max_documents=16", "--set", "ray.num_cpus=2"]
+           "--stages", "preprocess", "--set", "preprocess.source.max_documents=16", "--set", "ray.num_cpus=2"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "[preprocess] done" in first.stdout and "instances_train" in first.stdout

@@ -1,0 +1,1 @@
+"""Training hyperparameters and the learning-rate schedule (pure functions, no cluster code)."""

@@ -1,0 +1,45 @@
+"""Dense MLM + NSP loss and the counts behind the validation metrics (as BertForPreTraining)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def pretraining_loss(outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, mlm, nsp): cross-entropies on the model's MLM and NSP logits."""
+    mlm_logits = outputs.prediction_logits.float()
+    nsp_logits = outputs.seq_relationship_logits.float()
+    mlm = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), batch["labels"].reshape(-1),
+                          ignore_index=IGNORE_INDEX)
+    nsp = F.cross_entropy(nsp_logits.reshape(-1, 2), batch["next_sentence_label"].reshape(-1))
+    return mlm + nsp, mlm, nsp
+
+
+@torch.no_grad()
+def pretraining_counts(outputs: Any, batch: Mapping[str, Tensor]) -> Tensor:
+    """Sums to all-reduce across ranks: [mlm loss sum, mlm correct, mlm count, nsp loss sum, nsp correct, nsp count]."""
+    mlm_logits = outputs.prediction_logits.float()
+    nsp_logits = outputs.seq_relationship_logits.float()
+    labels = batch["labels"].reshape(-1)
+    flat = mlm_logits.reshape(-1, mlm_logits.shape[-1])
+    keep = labels != IGNORE_INDEX
+    mlm_sum = F.cross_entropy(flat[keep], labels[keep], reduction="sum") if keep.any() else flat.sum() * 0
+    mlm_correct = (flat[keep].argmax(-1) == labels[keep]).sum()
+    nsp_labels = batch["next_sentence_label"].reshape(-1)
+    nsp_sum = F.cross_entropy(nsp_logits.reshape(-1, 2), nsp_labels, reduction="sum")
+    nsp_correct = (nsp_logits.argmax(-1) == nsp_labels).sum()
+    return torch.stack([mlm_sum, mlm_correct.float(), keep.sum().float(), nsp_sum, nsp_correct.float(),
+                        torch.tensor(float(len(nsp_labels)))]).double()
+
+
+def metrics_from_counts(counts: Tensor, prefix: str = "val") -> dict[str, float]:
+    mlm_sum, mlm_correct, mlm_n, nsp_sum, nsp_correct, nsp_n = (float(x) for x in counts.tolist())
+    mlm_loss = mlm_sum / max(mlm_n, 1.0)
+    nsp_loss = nsp_sum / max(nsp_n, 1.0)
+    return {f"{prefix}/loss": mlm_loss + nsp_loss, f"{prefix}/mlm_loss": mlm_loss, f"{prefix}/nsp_loss": nsp_loss,
+            f"{prefix}/mlm_acc": mlm_correct / max(mlm_n, 1.0), f"{prefix}/nsp_acc": nsp_correct / max(nsp_n, 1.0)}

@@ -1,0 +1,126 @@
+"""Driver-side pieces without a cluster: pre-flight errors, tracking that never stops training,
+the end-of-stage summary."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pipelines.models.config import ModelConfig
+from pipelines.training.config import TrainConfig
+from tests.workers.train_fixture import fake_checkpoint, make_preprocess, make_teacher_export, tiny_train
+from workers.train.context import SafeTracker
+from workers.train.preflight import preflight
+from workers.train.progress import format_summary
+from workers.train.spec import TrainSpec
+
+
+def spec(run_dir: str, **train) -> TrainSpec:
+    return TrainSpec(stage="teacher", run_dir=run_dir, train=TrainConfig(**tiny_train(**train)), model=ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("run"))
+    make_preprocess(path, n_train=40, n_val=8)
+    return path
+
+
+def test_missing_preprocess_output_is_named(tmp_path):
+    with pytest.raises(ValueError, match="tokenizer folder .* preprocess"):
+        preflight(spec(str(tmp_path)))
+
+
+def test_batch_larger_than_the_data(run_dir):
+    with pytest.raises(ValueError, match="global_batch_size=64"):
+        preflight(spec(run_dir, global_batch_size=64))
+
+
+def test_unknown_model(run_dir):
+    bad = spec(run_dir)
+    bad.model = ModelConfig(name=os.path.join(run_dir, "no-such-model"))
+    with pytest.raises(ValueError, match="model.name="):
+        preflight(bad)
+
+
+def test_student_needs_the_teacher_and_its_tokenizer(run_dir, tmp_path):
+    with pytest.raises(ValueError, match="init_dir"):
+        TrainSpec(stage="student", run_dir=run_dir, train=TrainConfig(**tiny_train()))
+    student = TrainSpec(stage="student", run_dir=run_dir, train=TrainConfig(**tiny_train()),
+                        init_dir=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="train the teacher first"):
+        preflight(student)
+    # a teacher exported with another vocabulary
+    other = str(tmp_path / "other")
+    make_preprocess(other, n_train=8, n_val=2)
+    teacher = make_teacher_export(other)
+    tok = json.load(open(os.path.join(teacher, "tokenizer.json")))
+    tok["model"]["vocab"] = {f"x{i}": i for i in range(len(tok["model"]["vocab"]))}
+    json.dump(tok, open(os.path.join(teacher, "tokenizer.json"), "w"))
+    student.init_dir = teacher
+    with pytest.raises(ValueError, match="another tokenizer"):
+        preflight(student)
+
+
+def test_resuming_with_another_worker_count_is_refused(run_dir, tmp_path):
+    s = spec(run_dir, num_workers=2)
+    os.makedirs(s.checkpoint_dir)
+    fake_checkpoint(s.checkpoint_dir, 2, world=4)
+    try:
+        with pytest.raises(ValueError, match="num_workers=4"):
+            preflight(s)
+    finally:
+        import shutil
+
+        shutil.rmtree(s.stage_dir)
+
+
+def test_preflight_needs_a_ray_cluster(run_dir, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever other test modules started
+    with pytest.raises(RuntimeError, match="ray.init"):
+        preflight(spec(run_dir))
+
+
+class BrokenTracker:
+    calls = 0
+
+    def log_metrics(self, metrics, step):
+        BrokenTracker.calls += 1
+        raise ConnectionError("tracking server down")
+
+    def log_artifact(self, local_path, artifact_path=None):
+        raise ConnectionError("down")
+
+    def set_tags(self, tags):
+        raise ConnectionError("down")
+
+    def flush(self):
+        raise ConnectionError("down")
+
+
+def test_a_tracking_outage_never_stops_training(tmp_path, caplog):
+    tracker = SafeTracker(BrokenTracker(), str(tmp_path / "metrics.jsonl"), enabled=True)
+    for step in (1, 2, 3):
+        tracker.log({"loss": 1.0 / step}, step)
+    tracker.flush()
+    tracker.tags({"a": "b"})
+    assert BrokenTracker.calls == 3
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3]  # the local record still has everything
+    assert sum("tracking failed" in r.message for r in caplog.records) == 1  # warned once
+    silent = SafeTracker(BrokenTracker(), str(tmp_path / "other.jsonl"), enabled=False)  # ranks != 0
+    silent.log({"loss": 1.0}, 1)
+    assert not os.path.exists(tmp_path / "other.jsonl")
+
+
+def test_summary_fits_one_screen():
+    text = format_summary({"stage": "student", "final_step": 6, "max_steps": 6, "start_steps": [0, 2],
+                           "elapsed_s": 12.5, "world_size": 2, "global_batch_size": 16, "zero_stage": 2,
+                           "precision": "fp32", "model_dir": "/r/student/model", "checkpoint": "/r/c/step-6",
+                           "metrics": {"loss": 2.5, "val/mlm_acc": 0.1, "sparsity/global": 0.9}})
+    assert "student finished: step 6 of 6" in text and "[0, 2]" in text
+    assert "sparsity/global=0.9000" in text and "/r/student/model" in text
+    assert len(text.splitlines()) <= 10

@@ -1,0 +1,115 @@
+"""Student stage on real Ray Train + DeepSpeed (2 workers, ZeRO-2, CPU): KD from the frozen teacher,
+gradual magnitude pruning to 90% (masks at steps 0, 2, 4), export with its sparsity report.
+
+Kill test: checkpoints every step (last 2 kept); the driver is SIGKILLed after 5 optimizer steps,
+the newest checkpoint (5) is then truncated, and the rerun falls back to step 4. The step from 4 to 5,
+which recomputes the masks for the last time, is trained twice: once by the uninterrupted first
+attempt, once after the resume. Its loss must agree to 1e-5 and the final masks must equal the ones
+the first attempt saved at step 5."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, AutoModelForQuestionAnswering
+
+from tests.workers.train_fixture import make_preprocess, make_teacher_export, read_losses, start_ray, student_spec
+from workers.train import checkpoint as ckpt
+from workers.train.stage import run_training
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def wait_for_free_cpus(cpus: float, limit_s: float = 120) -> None:
+    deadline = time.time() + limit_s
+    while ray.available_resources().get("CPU", 0) < cpus and time.time() < deadline:
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    start_ray()
+    run_dir = str(tmp_path_factory.mktemp("student"))
+    make_preprocess(run_dir)
+    make_teacher_export(run_dir)
+    marker = os.path.join(run_dir, "stalled")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    driver = subprocess.Popen([sys.executable, "-m", "tests.workers.train_fixture", run_dir, marker], cwd=REPO,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 400
+        while not os.path.exists(marker) and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert os.path.exists(marker), f"the driver never reached step 5 (exit code {driver.poll()})"
+    finally:
+        driver.send_signal(signal.SIGKILL)  # the driver dies mid-stage, without any clean-up
+        driver.wait()
+    spec = student_spec(run_dir, checkpoint_every=1)
+    checkpoints = [s for s, _ in ckpt.list_checkpoints(spec.checkpoint_dir)]
+    losses_before = read_losses(spec.metrics_path)
+    newest = os.path.join(spec.checkpoint_dir, ckpt.step_dir_name(5), ckpt.DS_TAG)
+    shard = os.path.join(newest, sorted(os.listdir(newest))[-1])
+    with open(shard, "r+b") as f:  # a half-written file in the newest checkpoint
+        f.truncate(os.path.getsize(shard) // 2)
+    wait_for_free_cpus(2)  # Ray releases the dead driver's workers
+    result = run_training(spec, echo=False)
+    return spec, result, checkpoints, losses_before
+
+
+def test_kill_left_two_checkpoints_and_five_steps(killed_and_resumed):
+    _, _, checkpoints, losses_before = killed_and_resumed
+    assert checkpoints == [5, 4]
+    assert sorted(losses_before) == [1, 2, 3, 4, 5]
+
+
+def test_rerun_falls_back_and_reproduces_the_uninterrupted_steps(killed_and_resumed):
+    spec, result, _, _ = killed_and_resumed
+    assert result.final_step == 6
+    assert result.start_steps == [0, 4]  # step 5 was set aside as corrupt, step 4 used
+    corrupt = [n for n in os.listdir(spec.checkpoint_dir) if n.startswith("corrupt-step-00000005")]
+    assert len(corrupt) == 1
+    losses = read_losses(spec.metrics_path)
+    assert [len(losses[s]) for s in range(1, 7)] == [1, 1, 1, 1, 2, 1]  # 5: before and after the kill
+    assert losses[5][1] == pytest.approx(losses[5][0], abs=1e-5)
+    # the last mask update was at step 4 (-> 5): the final masks are the uninterrupted attempt's
+    first = load_file(os.path.join(spec.checkpoint_dir, corrupt[0], "pruning.safetensors"))
+    final = load_file(os.path.join(spec.checkpoint_dir, ckpt.step_dir_name(6), "pruning.safetensors"))
+    assert first.keys() == final.keys() and len(final) == 13
+    assert all(torch.equal(first[k], final[k]) for k in final)
+
+
+def test_student_export_has_the_target_sparsity(killed_and_resumed):
+    spec, result, _, _ = killed_and_resumed
+    for auto in (AutoModelForPreTraining, AutoModelForMaskedLM, AutoModelForQuestionAnswering):
+        auto.from_pretrained(result.model_dir)
+    model = AutoModelForPreTraining.from_pretrained(result.model_dir)
+    masks = load_file(os.path.join(spec.checkpoint_dir, ckpt.step_dir_name(6), "pruning.safetensors"))
+    assert len(masks) == 2 * 6 + 1  # q, k, v, attention out, intermediate, output per layer + pooler
+    for name, keep in masks.items():
+        w = model.get_parameter(name)
+        assert torch.equal(w != 0, keep), name  # zeros exactly where the masks say
+        assert (w == 0).float().mean().item() == pytest.approx(0.9, abs=1.0 / w.numel() + 1e-9), name
+    assert (model.get_parameter("bert.embeddings.word_embeddings.weight") == 0).float().mean() < 0.01
+    assert {"sparsity.json", "sparsity.png"} <= set(os.listdir(result.model_dir))
+    with open(os.path.join(result.model_dir, "sparsity.json")) as f:
+        assert json.load(f)["global_sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_student_metrics_and_frozen_teacher(killed_and_resumed):
+    spec, result, _, _ = killed_and_resumed
+    assert {"loss", "loss/hard", "loss/kd", "lr", "val/loss", "val/mlm_acc", "val/nsp_acc"} <= set(result.metrics)
+    assert result.metrics["sparsity/global"] == pytest.approx(0.9, abs=1e-3)
+    assert any(k.startswith("sparsity/layer/bert.encoder.layer.1.") for k in result.metrics)
+    assert result.metrics["loss/kd"] > 0
+    assert result.metrics["loss"] == pytest.approx(0.5 * result.metrics["loss/hard"] + 0.5 * result.metrics["loss/kd"])
+    with open(spec.summary_path) as f:
+        assert json.load(f)["teacher_frozen"] is True  # no grads, no optimizer state on the teacher

@@ -1,0 +1,1 @@
+"""Teacher and student training on Ray Train (TorchTrainer, V2) with a DeepSpeed engine per worker."""

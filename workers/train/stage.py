@@ -1,0 +1,69 @@
+"""Driver side of a training stage: pre-flight checks, the Ray Train TorchTrainer, the result."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from workers.train.loop import train_loop
+from workers.train.preflight import preflight
+from workers.train.progress import format_summary
+from workers.train.spec import TrainResult, TrainSpec
+
+
+def build_trainer(spec: TrainSpec) -> TorchTrainer:
+    """Same `RunConfig(name, storage_path)` on every call: rebuilding it is how Ray Train V2 resumes."""
+    cfg = spec.train
+    use_gpu = cfg.gpus_per_worker > 0
+    resources = {"CPU": cfg.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=cfg.placement_strategy),
+        run_config=RunConfig(name=spec.ray_run_name, storage_path=os.path.abspath(spec.ray_storage_path),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             worker_runtime_env={"env_vars": env}),
+    )
+
+
+def _start_steps(spec: TrainSpec) -> list[int]:
+    path = os.path.join(spec.stage_dir, "attempts.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["start_step"] for line in f if line.strip()]
+
+
+# Ray Train V2 gives a worker group 60 s to start; workers importing torch + DeepSpeed on a busy or
+# autoscaling node can take longer. Propagated from the driver to the controller at fit().
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+START_TIMEOUT_S = "600"
+
+
+def run_training(spec: TrainSpec, *, echo: bool = True) -> TrainResult:
+    """Run (or resume) one training stage to completion and export its model. Needs `ray.init()` first."""
+    started = time.time()
+    preflight(spec)
+    os.environ.setdefault(START_TIMEOUT_ENV, START_TIMEOUT_S)
+    os.makedirs(spec.stage_dir, exist_ok=True)
+    if os.path.exists(spec.summary_path):
+        os.remove(spec.summary_path)  # the summary describes the attempt that finishes now
+    build_trainer(spec).fit()
+    with open(spec.summary_path) as f:
+        summary = json.load(f)
+    summary["start_steps"] = _start_steps(spec)
+    summary["elapsed_s"] = time.time() - started
+    if echo:
+        print(format_summary(summary), flush=True)
+    return TrainResult(stage=spec.stage, model_dir=spec.model_dir, final_step=summary["final_step"],
+                       metrics=summary["metrics"], checkpoint=summary["checkpoint"],
+                       start_steps=summary["start_steps"], elapsed_s=summary["elapsed_s"])
