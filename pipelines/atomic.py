@@ -43,17 +43,7 @@ def write_parquet_atomic(table: pa.Table, path: str) -> str:
 
 
 def write_json_atomic(obj: Any, path: str) -> None:
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True), path)
 
 
 def write_text_atomic(text: str, path: str) -> None:
