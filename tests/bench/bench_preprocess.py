@@ -65,7 +65,7 @@ class PeakRSS:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=8, help="copies of the fragment in the 1x corpus")
+    ap.add_argument("--repeat", type=int, default=16, help="copies of the fragment in the 1x corpus")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="pofa-bench-")
 
@@ -104,7 +104,7 @@ def main() -> None:
     def stage(path: str, workers: int) -> tuple[float, int]:
         cfg = PreprocessConfig.model_validate({
             "source": {"kind": "jsonl", "path": path}, "tokenizer": {"name": tok_dir},
-            "num_workers": workers, "documents_per_shard": 200, "max_seq_length": 128})
+            "num_workers": workers, "documents_per_shard": 100, "max_seq_length": 128})
         out = tempfile.mkdtemp(dir=work)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
