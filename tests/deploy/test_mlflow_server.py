@@ -134,7 +134,7 @@ def test_records_a_pipeline_run_through_pofas_tracking(server: dict, credentials
 
     client = MlflowClient(server["url"])
     parent = client.get_run(session.parent_run_id)
-    assert parent.info.status == "FINISHED" and parent.data.params["student.max_steps"] == "240"
+    assert parent.info.status == "FINISHED" and parent.data.params["student.max_steps"] == str(recipe.student.max_steps)
     student = client.get_run(session.stage_run_id("student"))
     assert student.data.metrics == {"sparsity/global": 0.9}
     assert not any(ADMIN_PASSWORD in str(v) for v in {**parent.data.params, **parent.data.tags}.values())
