@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from pipelines.models.heads import mlm_logits, nsp_logits
+
 IGNORE_INDEX = -100
 
 
@@ -68,24 +70,27 @@ def combine(hard: Tensor, kd: Tensor, cfg: DistillationConfig) -> DistillationLo
     return DistillationLoss(total=cfg.hard_weight * hard + cfg.kd_weight * kd, hard=hard, kd=kd)
 
 
-def mlm_nsp_loss(student_mlm: Tensor, student_nsp: Tensor, teacher_mlm: Tensor, teacher_nsp: Tensor,
+def mlm_nsp_loss(student_mlm: Tensor, student_nsp: Tensor | None, teacher_mlm: Tensor, teacher_nsp: Tensor | None,
                  labels: Tensor, next_sentence_label: Tensor, cfg: DistillationConfig,
                  attention_mask: Tensor | None = None) -> DistillationLoss:
     """Pre-training student loss. hard = MLM CE + NSP CE (as BertForPreTraining);
-    kd = mean of the MLM KL (per token) and the NSP KL (per pair)."""
+    kd = mean of the MLM KL (per token) and the NSP KL (per pair). Models without an NSP head
+    (DistilBERT): MLM terms only."""
     vocab = student_mlm.shape[-1]
     # CE only on the masked rows: same value as over all rows with ignore_index, ~7x less softmax work
     flat_labels = labels.reshape(-1)
     picked = flat_labels != IGNORE_INDEX
     mlm_ce = (F.cross_entropy(_wide(student_mlm.reshape(-1, vocab)[picked]), flat_labels[picked])
               if bool(picked.any()) else student_mlm.sum() * 0.0)
-    hard = (mlm_ce + F.cross_entropy(_wide(student_nsp.reshape(-1, 2)), next_sentence_label.reshape(-1)))
     if cfg.mlm_positions == "masked":
         valid = labels != IGNORE_INDEX
     else:
         valid = attention_mask.bool() if attention_mask is not None else None
-    kd = 0.5 * (kd_kl(student_mlm, teacher_mlm, cfg.temperature, valid)
-                + kd_kl(student_nsp, teacher_nsp, cfg.temperature))
+    mlm_kd = kd_kl(student_mlm, teacher_mlm, cfg.temperature, valid)
+    if student_nsp is None or teacher_nsp is None:
+        return combine(mlm_ce, mlm_kd, cfg)
+    hard = mlm_ce + F.cross_entropy(_wide(student_nsp.reshape(-1, 2)), next_sentence_label.reshape(-1))
+    kd = 0.5 * (mlm_kd + kd_kl(student_nsp, teacher_nsp, cfg.temperature))
     return combine(hard, kd, cfg)
 
 
@@ -132,8 +137,8 @@ def distillation_loss(task: Literal["pretraining", "qa", "classification"], stud
     """Dispatch on the task with transformers model outputs (BertForPreTraining,
     *ForQuestionAnswering, *ForSequenceClassification)."""
     if task == "pretraining":
-        return mlm_nsp_loss(student_out.prediction_logits, student_out.seq_relationship_logits,
-                            teacher_out.prediction_logits, teacher_out.seq_relationship_logits,
+        return mlm_nsp_loss(mlm_logits(student_out), nsp_logits(student_out),
+                            mlm_logits(teacher_out), nsp_logits(teacher_out),
                             batch["labels"], batch["next_sentence_label"], cfg, batch.get("attention_mask"))
     if task == "qa":
         return qa_loss(student_out.start_logits, student_out.end_logits, teacher_out.start_logits,

@@ -7,32 +7,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipelines.models.heads import mlm_logits as _mlm, nsp_logits as _nsp
+
 IGNORE_INDEX = -100
 
 
 def pretraining_loss(outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, mlm, nsp): cross-entropies on the model's MLM and NSP logits."""
-    mlm_logits = outputs.prediction_logits.float()
-    nsp_logits = outputs.seq_relationship_logits.float()
+    """(total, mlm, nsp): cross-entropies on the model's MLM and NSP logits (nsp = 0 without an NSP head)."""
+    mlm_logits = _mlm(outputs).float()
     mlm = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), batch["labels"].reshape(-1),
                           ignore_index=IGNORE_INDEX)
-    nsp = F.cross_entropy(nsp_logits.reshape(-1, 2), batch["next_sentence_label"].reshape(-1))
+    head = _nsp(outputs)
+    if head is None:
+        return mlm, mlm, mlm.detach() * 0.0
+    nsp = F.cross_entropy(head.float().reshape(-1, 2), batch["next_sentence_label"].reshape(-1))
     return mlm + nsp, mlm, nsp
 
 
 @torch.no_grad()
 def pretraining_counts(outputs: Any, batch: Mapping[str, Tensor]) -> Tensor:
     """Sums to all-reduce across ranks: [mlm loss sum, mlm correct, mlm count, nsp loss sum, nsp correct, nsp count]."""
-    mlm_logits = outputs.prediction_logits.float()
-    nsp_logits = outputs.seq_relationship_logits.float()
+    mlm_logits = _mlm(outputs).float()
     labels = batch["labels"].reshape(-1)
     flat = mlm_logits.reshape(-1, mlm_logits.shape[-1])
     keep = labels != IGNORE_INDEX
     mlm_sum = F.cross_entropy(flat[keep], labels[keep], reduction="sum") if keep.any() else flat.sum() * 0
     mlm_correct = (flat[keep].argmax(-1) == labels[keep]).sum()
     nsp_labels = batch["next_sentence_label"].reshape(-1)
-    nsp_sum = F.cross_entropy(nsp_logits.reshape(-1, 2), nsp_labels, reduction="sum")
-    nsp_correct = (nsp_logits.argmax(-1) == nsp_labels).sum()
+    head = _nsp(outputs)
+    if head is None:  # MLM-only model: NSP counts stay 0 (nsp metrics read 0)
+        nsp_sum, nsp_correct, nsp_labels = mlm_sum * 0.0, torch.zeros(()), nsp_labels[:0]
+    else:
+        nsp_logits = head.float()
+        nsp_sum = F.cross_entropy(nsp_logits.reshape(-1, 2), nsp_labels, reduction="sum")
+        nsp_correct = (nsp_logits.argmax(-1) == nsp_labels).sum()
     return torch.stack([mlm_sum, mlm_correct.float(), keep.sum().float(), nsp_sum, nsp_correct.float(),
                         torch.tensor(float(len(nsp_labels)))]).double()
 

@@ -34,10 +34,11 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
 
 
 def export_model(state: dict[str, torch.Tensor], config: PretrainedConfig, tokenizer_dir: str, out_dir: str,
-                 pruning: Optional[PruningConfig] = None) -> dict[str, Any]:
-    """Write `out_dir` atomically (rank 0 only); returns the sparsity report (empty without pruning)."""
+                 pruning: Optional[PruningConfig] = None, auto_class: Any = AutoModelForPreTraining) -> dict[str, Any]:
+    """Write `out_dir` atomically (rank 0 only); returns the sparsity report (empty without pruning).
+    `auto_class`: the Auto class that must load the export (pretraining, QA or classification head)."""
     hf_logging.disable_progress_bar()  # no per-shard bars in the workers' logs
-    model = AutoModelForPreTraining.from_config(config)
+    model = auto_class.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:
@@ -51,7 +52,7 @@ def export_model(state: dict[str, torch.Tensor], config: PretrainedConfig, token
     if pruning is not None:
         report = sparsity_report(prunable_weights(model, pruning), pruning.mask)
         write_report(report, tmp)
-    AutoModelForPreTraining.from_pretrained(tmp)  # verify it loads before publishing
+    auto_class.from_pretrained(tmp)  # verify it loads before publishing
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return report

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import ray
 
@@ -13,7 +14,7 @@ from workers.train.inputs import collator_settings, load_tokenizer, read_manifes
 from workers.train.spec import TrainSpec
 
 
-def _check_resources(spec: TrainSpec) -> None:
+def check_resources(spec: Any) -> None:
     cfg = spec.train
     if not ray.is_initialized():
         raise RuntimeError("run_training needs a Ray cluster: call ray.init() first")
@@ -49,7 +50,7 @@ def _check_data(spec: TrainSpec, vocab: dict[str, int]) -> None:
                 raise ValueError(f"{spec.init_dir} was trained with another tokenizer than {spec.tokenizer_dir}")
 
 
-def _check_checkpoints(spec: TrainSpec) -> None:
+def check_checkpoint_world(spec: Any) -> None:
     for _, path in ckpt.list_checkpoints(spec.checkpoint_dir)[:1]:
         try:
             world = ckpt.read_manifest(path).get("world_size")
@@ -66,5 +67,5 @@ def preflight(spec: TrainSpec) -> None:
     if spec.init_dir is None and spec.model is not None:
         resolve_model_config(spec.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     _check_data(spec, tokenizer.get_vocab())
-    _check_checkpoints(spec)
-    _check_resources(spec)
+    check_checkpoint_world(spec)
+    check_resources(spec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any, Callable
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -14,8 +15,9 @@ from workers.train.progress import format_summary
 from workers.train.spec import TrainResult, TrainSpec
 
 
-def build_trainer(spec: TrainSpec) -> TorchTrainer:
-    """Same `RunConfig(name, storage_path)` on every call: rebuilding it is how Ray Train V2 resumes."""
+def build_trainer(spec: Any, loop: Callable[[dict], None] = train_loop) -> TorchTrainer:
+    """Same `RunConfig(name, storage_path)` on every call: rebuilding it is how Ray Train V2 resumes.
+    `spec`: a TrainSpec or another spec with the same paths and `train` settings (fine-tuning's)."""
     cfg = spec.train
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker}
@@ -23,7 +25,7 @@ def build_trainer(spec: TrainSpec) -> TorchTrainer:
         resources["GPU"] = cfg.gpus_per_worker
     env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
     return TorchTrainer(
-        train_loop,
+        loop,
         train_loop_config={"spec": spec},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -35,7 +37,7 @@ def build_trainer(spec: TrainSpec) -> TorchTrainer:
     )
 
 
-def _start_steps(spec: TrainSpec) -> list[int]:
+def _start_steps(spec: Any) -> list[int]:
     path = os.path.join(spec.stage_dir, "attempts.jsonl")
     if not os.path.exists(path):
         return []
@@ -49,15 +51,17 @@ START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 START_TIMEOUT_S = "600"
 
 
-def run_training(spec: TrainSpec, *, echo: bool = True) -> TrainResult:
-    """Run (or resume) one training stage to completion and export its model. Needs `ray.init()` first."""
+def run_training(spec: Any, *, echo: bool = True, loop: Callable[[dict], None] = train_loop,
+                 check: Callable[[Any], None] = preflight) -> TrainResult:
+    """Run (or resume) one training run to completion and export its model. Needs `ray.init()` first.
+    Defaults: a pretraining stage (TrainSpec); fine-tuning passes its own loop and checks."""
     started = time.time()
-    preflight(spec)
+    check(spec)
     os.environ.setdefault(START_TIMEOUT_ENV, START_TIMEOUT_S)
     os.makedirs(spec.stage_dir, exist_ok=True)
     if os.path.exists(spec.summary_path):
         os.remove(spec.summary_path)  # the summary describes the attempt that finishes now
-    build_trainer(spec).fit()
+    build_trainer(spec, loop).fit()
     with open(spec.summary_path) as f:
         summary = json.load(f)
     summary["start_steps"] = _start_steps(spec)
