@@ -6,12 +6,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class TrainConfig(BaseModel):
-    """How one stage trains: scale, DeepSpeed settings, batch, schedule, evaluation, checkpoints.
-
-    The global batch is fixed by the recipe; gradient accumulation is derived from it so a run
-    means the same thing on 2 workers or 64.
-    """
+class ScaleConfig(BaseModel):
+    """Where and how a training run executes: Ray Train workers and DeepSpeed settings."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -23,6 +19,14 @@ class TrainConfig(BaseModel):
     # DeepSpeed.
     zero_stage: int = Field(default=2, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class TrainConfig(ScaleConfig):
+    """How one stage trains: scale, DeepSpeed settings, batch, schedule, evaluation, checkpoints.
+
+    The global batch is fixed by the recipe; gradient accumulation is derived from it so a run
+    means the same thing on 2 workers or 64.
+    """
     # Batch.
     global_batch_size: int = Field(default=256, ge=1)
     micro_batch_size: int = Field(default=32, ge=1)
