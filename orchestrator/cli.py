@@ -46,8 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_job_command(args)
     try:
         if args.command == "recipes":
-            for name, desc in builtin_recipes().items():
-                print(f"{name:28s} {desc}")
+            recipes = builtin_recipes()
+            width = max(map(len, recipes)) + 2
+            for name, desc in recipes.items():
+                print(f"{name:{width}s}{desc}")
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":

@@ -66,6 +66,7 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
                 connected = True
             tracking.start_stage(name, params=flatten_params(config), fresh=not resumed)
             ctx.tracker = tracking.tracker(name)
+            ctx.tracking = tracking
             started = time.time()
             try:
                 result = stage.run(ctx)
@@ -104,7 +105,7 @@ def record_stage(tracking: TrackingSession, name: str, manifest: dict, stage_dir
 
     Tracking problems after a stage finished only warn: the stage's outputs are safe on disk, and a
     multi-day run must not fail over a plot."""
-    if name == "preprocess":  # training stages log their metrics step by step as they run
+    if name in ("preprocess", "finetune"):  # training stages log their metrics step by step as they run
         numeric = {k: float(v) for k, v in flatten_params(manifest["stats"]).items() if _is_number(v)}
         tracking.log_metrics(numeric, step=0, key=name)
     tracking.log_artifact(os.path.join(stage_dir, MANIFEST), key=name)

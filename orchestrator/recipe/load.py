@@ -62,15 +62,31 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise RecipeError("--set", [f"{key}: value {raw!r} is not a YAML scalar: {exc}"]) from exc
-        node = data
+        node: Any = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise RecipeError("--set", [f"{key}: {part!r} is not a section"])
-            node = child
-        node[parts[-1]] = value
+            node = _child(node, part, key)
+        if isinstance(node, list):
+            node[_index(node, parts[-1], key)] = value
+        else:
+            node[parts[-1]] = value
     return data
+
+
+def _index(node: list, part: str, key: str) -> int:
+    """`finetune.tasks.0.epochs`: a number addresses an existing list item."""
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError("--set", [f"{key}: {part!r} is not an index of a list of {len(node)} item(s)"])
+    return int(part)
+
+
+def _child(node: Any, part: str, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    child = node.setdefault(part, {})
+    if not isinstance(child, (dict, list)):
+        raise RecipeError("--set", [f"{key}: {part!r} is not a section"])
+    return child
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -9,11 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from orchestrator.tracking.config import TrackingConfig
 from pipelines.data.config import PreprocessConfig
 from pipelines.distillation import DistillationConfig
+from pipelines.finetune.config import FinetuneConfig
 from pipelines.models.config import ModelConfig
 from pipelines.sparsity.config import PruningConfig
 from pipelines.training.config import TrainConfig
 
-StageName = Literal["preprocess", "teacher", "student", "report"]
+StageName = Literal["preprocess", "teacher", "student", "finetune", "report"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -58,11 +59,12 @@ class Recipe(BaseModel):
     model: Optional[ModelConfig] = None
     teacher: Optional[TrainConfig] = None
     student: Optional[StudentConfig] = None
+    finetune: Optional[FinetuneConfig] = None
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _sections_for_stages(self) -> "Recipe":
-        needs = {"teacher": ("model", "teacher"), "student": ("student",)}
+        needs = {"teacher": ("model", "teacher"), "student": ("student",), "finetune": ("finetune",)}
         for stage in self.stages:
             for section in needs.get(stage, ()):
                 if getattr(self, section) is None:

@@ -1,10 +1,11 @@
 """The job graph's stages, in the order they run."""
 from orchestrator.stages.base import Stage, StageContext
+from orchestrator.stages.finetune import FinetuneStage
 from orchestrator.stages.preprocess import PreprocessStage
 from orchestrator.stages.report import ReportStage
 from orchestrator.stages.training import StudentStage, TeacherStage
 
-STAGES: dict[str, Stage] = {s.name: s for s in (PreprocessStage(), TeacherStage(), StudentStage(), ReportStage())}
+STAGES: dict[str, Stage] = {s.name: s for s in (PreprocessStage(), TeacherStage(), StudentStage(), FinetuneStage(), ReportStage())}
 ORDER = list(STAGES)
 
 __all__ = ["STAGES", "ORDER", "Stage", "StageContext"]

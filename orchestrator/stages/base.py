@@ -16,6 +16,7 @@ class StageContext:
     run_dir: RunDir
     stage_dir: str
     tracker: Tracker = NullTracker()  # the stage's MLflow run, for loops that log as they go
+    tracking: Optional[Any] = None  # the pipeline's TrackingSession, for stages with nested sub-runs
 
 
 @dataclass

@@ -10,9 +10,10 @@ from orchestrator.manifest import read_manifest
 from orchestrator.recipe.load import dump_recipe
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import StageContext, StageResult
+from orchestrator.stages.results_table import results_table, seed_table
 from pipelines.atomic import file_sha256, write_text_atomic
 
-UPSTREAM = ("preprocess", "teacher", "student")
+UPSTREAM = ("preprocess", "teacher", "student", "finetune")
 
 
 def _fmt(v: Any) -> str:
@@ -53,6 +54,7 @@ def render_report(recipe: Recipe, run_path: str, manifests: dict[str, dict]) -> 
         cols = ["val/loss", "val/mlm_acc", "val/nsp_acc", "sparsity/global", "final_step"]
         out += ["## Validation", "", _table(["model", *cols],
                                             [[s, *[manifests[s]["stats"].get(c) for c in cols]] for s in trained]), ""]
+    out += _downstream(recipe, run_path, manifests)
     sp = _sparsity(run_path)
     if sp:
         out += ["## Sparsity per layer", "", "![sparsity per layer](sparsity.png)", "",
@@ -65,6 +67,23 @@ def render_report(recipe: Recipe, run_path: str, manifests: dict[str, dict]) -> 
         out += ["## Exported models", "", _table(["stage", "Hugging Face folder"], models), ""]
     out += ["## Recipe", "", "```yaml", dump_recipe(recipe).rstrip(), "```", ""]
     return "\n".join(out)
+
+
+def _downstream(recipe: Recipe, run_path: str, manifests: dict[str, dict]) -> list[str]:
+    results = manifests.get("finetune", {}).get("stats", {}).get("results")
+    if not results:
+        return []
+    from pipelines.finetune.published import PUBLISHED, SOURCE
+
+    published = PUBLISHED.get(recipe.name)
+    seeds = len(recipe.finetune.seeds) if recipe.finetune else 1
+    out = ["## Downstream (pattern locked)", "", results_table(results, recipe.name, published, seeds), ""]
+    if published:
+        out += [f"Published figures: {SOURCE}", ""]
+    out += ["Per seed (the export's global sparsity beside it):", "", seed_table(results), "",
+            "Fine-tuned models: " + ", ".join(f"`{os.path.join(run_path, 'finetune', t, 'model')}`" for t in results),
+            ""]
+    return out
 
 
 class ReportStage:

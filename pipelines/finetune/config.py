@@ -7,10 +7,12 @@ optimizer steps is derived once the task's training features are counted.
 """
 from __future__ import annotations
 
+import os
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipelines.data.paths import resolve_source_path
 from pipelines.distillation import DistillationConfig
 from pipelines.training.config import ScaleConfig, TrainConfig
 
@@ -39,6 +41,13 @@ class TaskData(BaseModel):
         given = [k for k in ("dataset", "files", "path") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"finetune.tasks[].data: {' and '.join(given)} are exclusive: pick one")
+        # local files must exist now, before any cluster work (hub names are checked when loaded)
+        named = {f"files.{k}": v for k, v in (self.files or {}).items()}
+        if self.path is not None:
+            named["path"] = self.path
+        for key, value in named.items():
+            if not os.path.exists(resolve_source_path(value)):
+                raise ValueError(f"finetune.tasks[].data.{key}={value!r} does not exist")
         return self
 
 

@@ -1,4 +1,5 @@
-"""The whole `tiny` recipe through the CLI: preprocess -> teacher -> student -> report, tracked in MLflow."""
+"""The whole `tiny` recipe through the CLI: preprocess -> teacher -> student -> finetune -> report, tracked in
+MLflow. Shortened: fewer documents and steps, one fine-tuning seed."""
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ SHORT = ["preprocess.source.max_documents=30", "ray.num_cpus=2",
          "teacher.max_steps=30", "teacher.eval_every=15", "teacher.checkpoint_every=15",
          "student.max_steps=40", "student.eval_every=20", "student.checkpoint_every=20",
          "student.pruning.schedule.policy_end_step=20", "student.pruning.schedule.end_pruning_step=30",
-         "student.pruning.schedule.pruning_frequency=10"]
+         "student.pruning.schedule.pruning_frequency=10",
+         "finetune.seeds=[42]", "finetune.tasks.0.epochs=2", "finetune.tasks.0.eval_every_epochs=1"]
 
 
 def _pofa(run_dir, *extra, timeout=900):
@@ -43,9 +45,11 @@ def test_student_is_exported_at_90_percent_sparsity(tiny_run):
 def test_report_and_manifests(tiny_run):
     run_dir, _ = tiny_run
     text = (run_dir / "report" / "README.md").read_text()
-    for section in ("## Data", "## Validation", "## Sparsity per layer", "## Wall time", "## Exported models"):
+    for section in ("## Data", "## Validation", "## Downstream (pattern locked)", "## Sparsity per layer",
+                    "## Wall time", "## Exported models"):
         assert section in text
-    for stage in ("preprocess", "teacher", "student", "report"):
+    assert "| model | Polarity (gensim) |" in text and "dense task teacher (this run)" in text
+    for stage in ("preprocess", "teacher", "student", "finetune", "report"):
         assert json.load(open(run_dir / stage / "manifest.json"))["status"] == "complete"
 
 
@@ -60,7 +64,12 @@ def test_mlflow_parent_nested_runs_and_metrics(tiny_run):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     children = {r.data.tags.get("pofa.stage"): r for r in runs if r.data.tags.get("mlflow.parentRunId")}
-    assert {"preprocess", "teacher", "student", "report"} <= set(children)
+    assert {"preprocess", "teacher", "student", "finetune", "finetune/polarity/teacher",
+            "finetune/polarity/seed-42", "report"} <= set(children)
+    seed = children["finetune/polarity/seed-42"]
+    assert seed.data.tags["mlflow.parentRunId"] == children["finetune"].info.run_id  # nested under the stage
+    assert {"eval/accuracy", "loss/kd", "sparsity/global"} <= set(seed.data.metrics)
+    assert children["finetune"].data.metrics["results.polarity.accuracy"] == seed.data.metrics["eval/accuracy"]
     student = children["student"]
     for key in ("loss", "loss/hard", "loss/kd", "lr", "sparsity/global", "val/mlm_acc", "val/nsp_acc", "val/loss"):
         assert key in student.data.metrics, key
@@ -77,6 +86,21 @@ def test_rerun_skips_every_stage_and_reuses_the_parent_run(tiny_run):
     before = json.load(open(run_dir / "tracking.json"))
     res = _pofa(run_dir, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    for stage in ("preprocess", "teacher", "student", "report"):
+    for stage in ("preprocess", "teacher", "student", "finetune", "report"):
         assert f"[{stage}] up to date (manifest matches): skipped" in res.stdout
     assert json.load(open(run_dir / "tracking.json")) == before
+
+
+def test_finetune_keeps_the_students_pattern_and_records_results(tiny_run):
+    run_dir, _ = tiny_run
+    stats = json.load(open(run_dir / "finetune" / "manifest.json"))["stats"]
+    polarity = stats["results"]["polarity"]
+    assert set(polarity["seeds"]) == {"42"} and 0 <= polarity["accuracy"] <= 100
+    assert polarity["accuracy"] == polarity["seeds"]["42"]["accuracy"]
+    assert stats["data"]["polarity"]["train"]["examples"] == 160  # 80/20 of the 200 real sentences
+    student = load_file(str(run_dir / "student" / "model" / "model.safetensors"))
+    tuned = load_file(str(run_dir / "finetune" / "polarity" / "model" / "model.safetensors"))
+    encoder = [n for n in student if ".encoder." in n and n.endswith("weight") and student[n].dim() == 2]
+    assert encoder
+    for name in encoder:  # the exact zero pattern, weight by weight
+        assert (student[name] == 0).equal(tuned[name] == 0), name

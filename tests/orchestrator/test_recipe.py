@@ -31,6 +31,11 @@ def test_tiny_is_builtin_and_reads_gensims_dump():
     ("preprocess.masking=sometimes", "preprocess.masking: Input should be 'static' or 'dynamic'"),
     ("name=../../etc", "name: '../../etc' is not a safe run name"),
     ("seed=-1", "seed: Input should be greater than or equal to 0"),
+    ("finetune.tasks.0.name=cola", "finetune.tasks.0.name: Input should be 'squad', 'mnli', 'qqp', 'qnli', 'sst2'"),
+    ("finetune.tasks.0.data.path=/no/reviews.txt", "finetune.tasks.0.data: finetune.tasks[].data.path="),
+    ("finetune.tasks.4.epochs=1", "finetune.tasks.4.epochs: '4' is not an index of a list of 1 item(s)"),
+    ("finetune.seeds=[1, 1]", "finetune: finetune.seeds=[1, 1] repeats a seed"),
+    ("finetune.tasks.0.global_batch_size=10", "finetune.tasks[polarity].global_batch_size=10 is not divisible"),
 ])
 def test_bad_values_name_the_key(override, expected):
     assert expected in _problems(override)
@@ -41,6 +46,11 @@ def test_set_values_are_yaml_scalars():
                              "preprocess.source.max_documents=null"])
     assert r.preprocess.short_seq_prob == 0.2 and r.preprocess.masking == "static" and r.seed == 7
     assert _problems("preprocess") .startswith("'preprocess': expected KEY=VALUE")
+
+
+def test_set_reaches_list_items():
+    r = load_recipe("tiny", ["finetune.tasks.0.epochs=2", "finetune.seeds=[7]"])
+    assert r.finetune.tasks[0].epochs == 2.0 and r.finetune.seeds == [7]
 
 
 def test_yaml_file_recipe_and_validate_cli(tmp_path):

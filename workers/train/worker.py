@@ -249,7 +249,7 @@ def run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spec
                    "start_step": start_step, "world_size": worker.world, "global_batch_size": cfg.global_batch_size,
                    "zero_stage": cfg.zero_stage, "precision": cfg.precision, "model_dir": spec.model_dir,
                    "checkpoint": worker.last_checkpoint, "metrics": worker.last_metrics,
-                   "export_sparsity": report.get("global_sparsity"),
+                   "export_sparsity": report.get("global_sparsity"), "quantization": report.get("qat"),
                    "attempt_elapsed_s": time.time() - started, "timings": worker.timings, **extra}
         tmp = spec.summary_path + ".tmp"
         with open(tmp, "w") as f:

@@ -1,0 +1,50 @@
+"""Driver side of one fine-tuning run: checks before any worker starts, then the Ray Train job."""
+from __future__ import annotations
+
+import json
+import os
+
+from pipelines.finetune.tasks import get_task
+from workers.finetune.loop import finetune_loop
+from workers.finetune.prepare import features_path
+from workers.finetune.spec import FinetuneSpec
+from workers.train.preflight import check_checkpoint_world, check_resources
+from workers.train.spec import TrainResult
+from workers.train.stage import run_training
+
+
+def _vocab(folder: str) -> object:
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("model", {}).get("vocab")
+
+
+def _check_same_vocab(spec: FinetuneSpec) -> None:
+    """The task's features were tokenized for the sparse model: a local teacher or model folder with
+    another vocabulary would read them as different words (hub models are checked by their loader)."""
+    ours = _vocab(spec.tokenizer_dir)
+    for what, folder in (("model", spec.init_model), ("teacher", spec.teacher_dir)):
+        if folder and os.path.isdir(folder):
+            theirs = _vocab(folder)
+            if ours is not None and theirs is not None and theirs != ours:
+                raise ValueError(f"finetune/{spec.task.name}: the {what} {folder!r} has another vocabulary than the "
+                                 f"features in {spec.data_dir} (tokenized for the sparse model)")
+
+
+def finetune_preflight(spec: FinetuneSpec) -> None:
+    task = get_task(spec.task.name)
+    for split in (task.train_split, *task.eval_splits.values()):
+        if not os.path.isfile(features_path(spec.data_dir, split)):
+            raise ValueError(f"finetune/{task.name}: features for split {split!r} are missing in {spec.data_dir}")
+    if spec.teacher_dir is not None and not os.path.isdir(spec.teacher_dir):
+        raise ValueError(f"finetune/{task.name}: the task teacher {spec.teacher_dir!r} has not been trained")
+    _check_same_vocab(spec)
+    check_checkpoint_world(spec)
+    check_resources(spec)
+
+
+def run_finetune(spec: FinetuneSpec, *, echo: bool = True) -> TrainResult:
+    """Run (or resume from its last checkpoint) one task run to completion; exports its model."""
+    return run_training(spec, echo=echo, loop=finetune_loop, check=finetune_preflight)
