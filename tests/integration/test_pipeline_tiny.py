@@ -13,7 +13,7 @@ SHORT = ["preprocess.source.max_documents=30", "ray.num_cpus=2",
          "student.max_steps=40", "student.eval_every=20", "student.checkpoint_every=20",
          "student.pruning.schedule.policy_end_step=20", "student.pruning.schedule.end_pruning_step=30",
          "student.pruning.schedule.pruning_frequency=10",
-         "finetune.seeds=[42]", "finetune.tasks.0.epochs=2", "finetune.tasks.0.eval_every_epochs=1"]
+         "finetune.seeds=[42]"]
 
 
 def _pofa(run_dir, *extra, timeout=900):
@@ -98,6 +98,13 @@ def test_finetune_keeps_the_students_pattern_and_records_results(tiny_run):
     assert set(polarity["seeds"]) == {"42"} and 0 <= polarity["accuracy"] <= 100
     assert polarity["accuracy"] == polarity["seeds"]["42"]["accuracy"]
     assert stats["data"]["polarity"]["train"]["examples"] == 160  # 80/20 of the 200 real sentences
+    import pyarrow.parquet as pq
+
+    from pipelines.finetune.metrics import majority_baseline
+
+    labels = pq.read_table(run_dir / "finetune" / "polarity" / "data" / "validation.parquet").column("label")
+    assert polarity["accuracy"] > majority_baseline(labels.to_numpy())  # learned something on the held-out 20%
+    assert polarity["sparsity"]["42"] == pytest.approx(0.9, abs=1e-3)
     student = load_file(str(run_dir / "student" / "model" / "model.safetensors"))
     tuned = load_file(str(run_dir / "finetune" / "polarity" / "model" / "model.safetensors"))
     encoder = [n for n in student if ".encoder." in n and n.endswith("weight") and student[n].dim() == 2]

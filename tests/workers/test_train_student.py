@@ -113,3 +113,29 @@ def test_student_metrics_and_frozen_teacher(killed_and_resumed):
     assert result.metrics["loss"] == pytest.approx(0.5 * result.metrics["loss/hard"] + 0.5 * result.metrics["loss/kd"])
     with open(spec.summary_path) as f:
         assert json.load(f)["teacher_frozen"] is True  # no grads, no optimizer state on the teacher
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, killed_and_resumed):
+    """The same student stage, same seed and data, run start to finish without interruption."""
+    run_dir = str(tmp_path_factory.mktemp("student-uninterrupted"))
+    make_preprocess(run_dir)
+    make_teacher_export(run_dir)
+    spec = student_spec(run_dir, checkpoint_every=1)
+    return spec, run_training(spec, echo=False)
+
+
+def test_killed_run_matches_an_uninterrupted_run(killed_and_resumed, uninterrupted):
+    """Every step's loss to 1e-5, the final masks exactly, the exported weights to 1e-5."""
+    spec, result, _, _ = killed_and_resumed
+    ref_spec, ref_result = uninterrupted
+    resumed, reference = read_losses(spec.metrics_path), read_losses(ref_spec.metrics_path)
+    assert sorted(reference) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step][-1] == pytest.approx(reference[step][0], abs=1e-5), step
+    final = load_file(os.path.join(spec.checkpoint_dir, ckpt.step_dir_name(6), "pruning.safetensors"))
+    ref_masks = load_file(os.path.join(ref_spec.checkpoint_dir, ckpt.step_dir_name(6), "pruning.safetensors"))
+    assert final.keys() == ref_masks.keys() and all(torch.equal(final[k], ref_masks[k]) for k in final)
+    ours, theirs = (load_file(os.path.join(r.model_dir, "model.safetensors")) for r in (result, ref_result))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-5, rtol=0) for k in ours)

@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipelines.distillation import distillation_loss, teacher_logits
@@ -26,7 +25,7 @@ from pipelines.sparsity.report import prunable_weights
 from pipelines.training.schedule import linear_lr
 from workers.finetune.prepare import examples_path, features_path
 from workers.finetune.spec import FinetuneSpec, lock_config
-from workers.train.context import barrier, broadcast_from_rank0
+from workers.train.context import barrier, broadcast_from_rank0, gather
 from workers.train.data import RankData, plan_shard
 from workers.train.export import export_model, gather_full_state
 from workers.train.worker import BaseWorker, run_worker
@@ -54,15 +53,6 @@ def load_task_model(name_or_path: str, task: TaskSpec, seed: int) -> torch.nn.Mo
 def rank_rows(n: int, rank: int, world: int) -> tuple[int, int]:
     pieces = plan_shard([n], rank, world)
     return (pieces[0][1], pieces[0][2]) if pieces else (0, 0)
-
-
-def gather(value: Any) -> list[Any]:
-    """Every rank's value, in rank order (a small Python object per rank)."""
-    if not dist.is_initialized():
-        return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 class FinetuneWorker(BaseWorker):

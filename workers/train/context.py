@@ -27,6 +27,15 @@ def broadcast_from_rank0(value: Any) -> Any:
     return box[0]
 
 
+def gather(value: Any) -> list[Any]:
+    """Every rank's (small, picklable) value, in rank order."""
+    if not dist.is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         t = t.clone()

@@ -25,7 +25,7 @@ from ray.train import Checkpoint
 from pipelines.sparsity.callback import PruningCallback
 from workers.train import checkpoint as ckpt
 from workers.train import state as st
-from workers.train.context import SafeTracker, all_reduce_sum, barrier, broadcast_from_rank0, logger
+from workers.train.context import SafeTracker, all_reduce_sum, barrier, broadcast_from_rank0, gather, logger
 from workers.train.data import DataCursor, RankData
 from workers.train.engine import build_engine, set_learning_rate
 from workers.train.progress import Progress
@@ -110,10 +110,15 @@ class BaseWorker:
             started = time.perf_counter()
             self._load(choice)
             self.timings["checkpoint_load_s"] = time.perf_counter() - started
+        nodes = gather(ray.get_runtime_context().get_node_id() if self.in_ray else "local")
         if self.is_rank0:
             with open(os.path.join(self.spec.stage_dir, "attempts.jsonl"), "a") as f:
-                f.write(json.dumps({"start_step": self.step, "checkpoint": choice, "time": time.time()}) + "\n")
-            self.tracker.tags({f"{self.spec.stage}.start_step": str(self.step)})  # the latest attempt's
+                f.write(json.dumps({"start_step": self.step, "checkpoint": choice, "time": time.time(),
+                                    "nodes": nodes}) + "\n")
+            attempts = len(_read_attempts(self.spec.stage_dir))
+            # the latest attempt's start; attempts > 1 means a restart (worker failure or rerun)
+            self.tracker.tags({f"{self.spec.stage}.start_step": str(self.step),
+                               f"{self.spec.stage}.attempts": str(attempts)})
         return self.step
 
     def _load(self, folder: str) -> None:
@@ -208,6 +213,11 @@ class BaseWorker:
                 json.dump({"step": self.step, "path": os.path.abspath(final)}, f)
             ray.train.report(payload, checkpoint=Checkpoint.from_directory(pointer),
                              checkpoint_dir_name=ckpt.step_dir_name(self.step))
+
+
+def _read_attempts(stage_dir: str) -> list[dict[str, Any]]:
+    with open(os.path.join(stage_dir, "attempts.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _check_fault(spec: Any, rank: int, step: int) -> None:
