@@ -55,7 +55,7 @@ class Recipe(BaseModel):
     run_dir: Optional[str] = None
     stages: list[StageName] = ["preprocess", "teacher", "student", "report"]
     ray: RayConfig = RayConfig()
-    preprocess: PreprocessConfig
+    preprocess: Optional[PreprocessConfig] = None
     model: Optional[ModelConfig] = None
     teacher: Optional[TrainConfig] = None
     student: Optional[StudentConfig] = None
@@ -64,7 +64,7 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _sections_for_stages(self) -> "Recipe":
-        needs = {"teacher": ("model", "teacher"), "student": ("student",), "finetune": ("finetune",)}
+        needs = {"preprocess": ("preprocess",), "teacher": ("model", "teacher"), "student": ("student",), "finetune": ("finetune",)}
         for stage in self.stages:
             for section in needs.get(stage, ()):
                 if getattr(self, section) is None:

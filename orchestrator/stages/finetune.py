@@ -126,6 +126,11 @@ class FinetuneStage:
 
         ft = _section(ctx.recipe)
         student, teacher_init = self._models(ctx)
+        for what, path, stage in (("model", student, "student"), ("teacher_model", teacher_init, "teacher")):
+            local = os.path.isabs(path) or path.startswith(".")
+            if (what == "model" or ft.distill) and local and not os.path.isdir(path):
+                raise ValueError(f"finetune.{what}: {path} does not exist; run the {stage} stage first or set "
+                                 f"finetune.{what} to a model folder or hub name")
         results: dict[str, Any] = {}
         data: dict[str, Any] = {}
         outputs: dict[str, str] = {}

@@ -26,6 +26,8 @@ class PreprocessStage:
 
     def config(self, recipe: Recipe) -> dict[str, Any]:
         # num_workers and cpus_per_worker do not change a byte of the output: kept out of the fingerprint.
+        if recipe.preprocess is None:
+            raise ValueError("preprocess: the recipe has no preprocess section")
         section = recipe.preprocess.model_dump(mode="json", exclude={"num_workers", "cpus_per_worker"})
         return {"seed": recipe.seed, "preprocess": section}
 

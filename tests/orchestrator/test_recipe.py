@@ -71,3 +71,15 @@ def test_yaml_file_recipe_and_validate_cli(tmp_path):
 
 def test_unknown_recipe_lists_builtins():
     assert "built-in: " in _problems(recipe="no-such-recipe") and "tiny" in _problems(recipe="no-such-recipe")
+
+
+def test_a_finetune_only_recipe_needs_no_preprocess_section(tmp_path):
+    """Fine-tuning any sparse model (hub name or folder) without the pretraining stages."""
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"name": "ft", "stages": ["finetune", "report"],
+                                    "finetune": {"model": "Intel/bert-base-uncased-sparse-90-unstructured-pruneofa",
+                                                 "teacher_model": "bert-base-uncased", "tasks": [{"name": "sst2"}]}}))
+    r = load_recipe(str(path))
+    assert r.preprocess is None and r.finetune.tasks[0].name == "sst2"
+    path.write_text(yaml.safe_dump({"name": "ft", "stages": ["preprocess"]}))
+    assert "preprocess: required when stages include 'preprocess'" in _problems(recipe=str(path))

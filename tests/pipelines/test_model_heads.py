@@ -35,7 +35,7 @@ def test_distilbert_gets_mlm_only_loss_and_no_segment_ids() -> None:
     out = distil(**accepted_inputs(distil, batch, INPUTS))
     assert nsp_logits(out) is None
     total, mlm, nsp = pretraining_loss(out, batch)
-    assert torch.equal(total, mlm) and float(nsp) == 0.0 and float(mlm) > 0
+    assert torch.equal(total, mlm) and nsp.item() == 0.0 and mlm.item() > 0
     total.backward()  # the MLM loss reaches the encoder
     assert distil.distilbert.transformer.layer[0].ffn.lin1.weight.grad.abs().sum() > 0
     metrics = metrics_from_counts(pretraining_counts(out, batch))
