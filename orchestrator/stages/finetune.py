@@ -70,7 +70,7 @@ class FinetuneStage:
         upstream = []
         if ft.model is None:
             upstream.append("student")
-        if ft.distill and ft.teacher_model is None:
+        if ft.distill and ft.teacher_model is None and any(t.teacher is None for t in ft.tasks):
             upstream.append("teacher")
         return {s: (read_manifest(ctx.run_dir.stage_dir(s)) or {}).get("fingerprint") for s in upstream}
 
@@ -126,9 +126,10 @@ class FinetuneStage:
 
         ft = _section(ctx.recipe)
         student, teacher_init = self._models(ctx)
+        needs_teacher = ft.distill and any(t.teacher is None for t in ft.tasks)
         for what, path, stage in (("model", student, "student"), ("teacher_model", teacher_init, "teacher")):
             local = os.path.isabs(path) or path.startswith(".")
-            if (what == "model" or ft.distill) and local and not os.path.isdir(path):
+            if (what == "model" or needs_teacher) and local and not os.path.isdir(path):
                 raise ValueError(f"finetune.{what}: {path} does not exist; run the {stage} stage first or set "
                                  f"finetune.{what} to a model folder or hub name")
         results: dict[str, Any] = {}
@@ -143,7 +144,9 @@ class FinetuneStage:
             n_train = int(data[task.name][get_task(task.name).train_split]["features"])
             teacher_dir = None
             teacher_record = None
-            if ft.distill:
+            if ft.distill and task.teacher:
+                teacher_dir = task.teacher  # already fine-tuned on the task: distil from it as is
+            elif ft.distill:
                 teacher_record = self._run_one(ctx, task, "teacher", teacher_init, ctx.recipe.seed, None, n_train)
                 teacher_dir = teacher_record["model_dir"]
             runs = {seed: self._run_one(ctx, task, f"seed-{seed}", student, seed, teacher_dir, n_train)

@@ -69,6 +69,9 @@ class TaskConfig(BaseModel):
     micro_batch_size: int = Field(default=16, ge=1)
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0)
+    # A teacher already fine-tuned on this task (hub name or folder): used as is, no teacher run
+    # (Intel's examples distil from public fine-tunes such as csarron/bert-base-uncased-squad-v1).
+    teacher: Optional[str] = None
     # The dense teacher's own fine-tuning; None: the student's values.
     teacher_epochs: Optional[float] = Field(default=None, gt=0)
     teacher_learning_rate: Optional[float] = Field(default=None, gt=0)

@@ -109,7 +109,7 @@ def test_sentiment_locked_student_with_kd_and_resume(ray_local, models, tmp_path
     assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if n.startswith("classifier."))
 
 
-def test_a_teacher_with_another_vocabulary_is_refused(models, tmp_path) -> None:
+def test_a_teacher_with_another_vocabulary_or_label_count_is_refused(models, tmp_path) -> None:
     from workers.finetune.prepare import prepare_task
     from workers.finetune.run import finetune_preflight
 
@@ -122,6 +122,11 @@ def test_a_teacher_with_another_vocabulary_is_refused(models, tmp_path) -> None:
     spec = _spec(task, "student", str(tmp_path / "seed-7"), data, models["student"], train_rows=n,
                  teacher_dir=other)
     with pytest.raises(ValueError, match="another vocabulary"):
+        finetune_preflight(spec)
+    three = str(tmp_path / "three-labels")  # a teacher fine-tuned on another task
+    AutoModelForSequenceClassification.from_pretrained(models["teacher"], num_labels=3).save_pretrained(three)
+    spec.teacher_dir = three
+    with pytest.raises(ValueError, match="has 3 labels, the task 2"):
         finetune_preflight(spec)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from transformers import AutoConfig
+
 from pipelines.finetune.tasks import get_task
 from workers.finetune.loop import finetune_loop
 from workers.finetune.prepare import features_path
@@ -38,9 +40,18 @@ def finetune_preflight(spec: FinetuneSpec) -> None:
     for split in (task.train_split, *task.eval_splits.values()):
         if not os.path.isfile(features_path(spec.data_dir, split)):
             raise ValueError(f"finetune/{task.name}: features for split {split!r} are missing in {spec.data_dir}")
-    if spec.teacher_dir is not None and not os.path.isdir(spec.teacher_dir):
-        raise ValueError(f"finetune/{task.name}: the task teacher {spec.teacher_dir!r} has not been trained")
+    teacher = spec.teacher_dir
+    if teacher is not None and (os.path.isabs(teacher) or teacher.startswith(".")) and not os.path.isdir(teacher):
+        raise ValueError(f"finetune/{task.name}: the task teacher {teacher!r} does not exist")
     _check_same_vocab(spec)
+    if teacher is not None and task.kind == "classification":
+        try:
+            labels = AutoConfig.from_pretrained(teacher).num_labels
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"finetune/{task.name}: cannot load the task teacher {teacher!r} ({exc})") from exc
+        if labels != task.num_labels:
+            raise ValueError(f"finetune/{task.name}: the task teacher {teacher!r} has {labels} labels, the task "
+                             f"{task.num_labels}: use a teacher fine-tuned on {task.name}")
     check_checkpoint_world(spec)
     check_resources(spec)
 
