@@ -8,6 +8,7 @@ is skipped when the stage is resumed, an unfinished one continues from its last 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -31,8 +32,6 @@ def _section(recipe: Recipe) -> FinetuneConfig:
 
 
 def _read_json(path: str) -> Optional[dict[str, Any]]:
-    import json
-
     if not os.path.exists(path):
         return None
     with open(path) as f:
