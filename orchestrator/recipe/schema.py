@@ -26,6 +26,9 @@ class RayConfig(BaseModel):
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(default=None, ge=1)
     dashboard_host: str = "127.0.0.1"
+    # How long a training stage waits for the cluster to hold its workers (nodes still joining, an
+    # autoscaler adding them); 0: fail at once when the resources are not there.
+    resource_wait_s: float = Field(default=0.0, ge=0)
 
 
 class StudentConfig(TrainConfig):

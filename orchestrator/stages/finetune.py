@@ -103,7 +103,8 @@ class FinetuneStage:
         spec = FinetuneSpec(task=task, role=role, work_dir=work_dir, data_dir=os.path.join(task_dir, "data"),
                             init_model=init_model, train=train, seed=seed, teacher_dir=teacher_dir,
                             lock_pattern=ft.lock_pattern, qat=ft.qat and role == "student",
-                            distillation=ft.distillation, tracker=tracker)
+                            distillation=ft.distillation, tracker=tracker,
+                            resource_wait_s=ctx.recipe.ray.resource_wait_s)
         try:
             result = run_finetune(spec)
         except BaseException as exc:

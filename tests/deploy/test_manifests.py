@@ -105,6 +105,9 @@ def test_rayjob_runs_a_real_pofa_command_on_the_cluster(tmp_path: Path) -> None:
     recipe_file.write_text(cm["data"][key])
     recipe = load_recipe(str(recipe_file), args.overrides)
     assert recipe.stages and recipe.student is not None
+    # Worker groups that scale from zero: training stages must wait for the autoscaler's nodes.
+    if any(g.get("minReplicas", 0) == 0 for g in cluster["spec"]["workerGroupSpecs"]):
+        assert recipe.ray.resource_wait_s > 0, "an autoscaled cluster needs ray.resource_wait_s"
     assert "@" not in (recipe.tracking.uri or ""), "credentials in the recipe's tracking.uri"
 
     # The run directory is on the shared PVC, which every Ray pod mounts at the same path.

@@ -1,6 +1,7 @@
 """`python -m tests.integration.multinode_driver RUN_DIR`: a real multi-node Ray cluster on this
-machine (a head with no CPUs plus two 1-CPU worker nodes, each its own raylet), the tiny student
-stage with one worker per node, and a node lost mid-stage and replaced. Writes RUN_DIR/report.json.
+machine (a head with no CPUs plus two 1-CPU worker nodes, each its own raylet; the second joins only
+after the stage started waiting for it), the tiny student stage with one worker per node, and a node
+lost mid-stage and replaced. Writes RUN_DIR/report.json.
 
 This process owns the cluster (Ray's node control needs the main thread); the stage runs in a
 separate driver process that joins the cluster through RAY_ADDRESS, as `pofa run` on a head would.
@@ -32,11 +33,16 @@ def train(run_dir: str) -> None:
     spec = student_spec(run_dir, num_workers=2, cpus_per_worker=1, placement_strategy="SPREAD", max_steps=24,
                         checkpoint_every=2, keep_checkpoints=2, max_failures=2)
     spec.tracker = session.tracker("student")
+    spec.resource_wait_s = 300  # the second worker node joins after the stage has started
+    started_at = time.time()
+    with open(os.path.join(run_dir, "stage-started"), "w") as f:
+        f.write(str(started_at))
     result = run_training(spec, echo=False)
     session.end_stage("student")
     session.finish()
     with open(os.path.join(run_dir, "result.json"), "w") as f:
-        json.dump({"final_step": result.final_step, "start_steps": result.start_steps, "model_dir": result.model_dir,
+        json.dump({"stage_started_at": started_at, "final_step": result.final_step,
+                   "start_steps": result.start_steps, "model_dir": result.model_dir,
                    "student_run_id": session.stage_run_id("student")}, f)
 
 
@@ -48,12 +54,18 @@ def main(run_dir: str) -> None:
     make_preprocess(run_dir, n_train=512)
     make_teacher_export(run_dir)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head runs no train worker
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=1)]
     cluster.wait_for_nodes()
-    events: dict = {"workers": [w.node_id for w in workers]}
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     driver = subprocess.Popen([sys.executable, "-m", "tests.integration.multinode_driver", "train", run_dir], env=env)
     try:
+        started = os.path.join(run_dir, "stage-started")
+        while not os.path.exists(started) and driver.poll() is None:
+            time.sleep(0.05)
+        time.sleep(3)  # the stage is waiting for a second node (ray.resource_wait_s)
+        events: dict = {"late_join_at": time.time()}
+        workers.append(cluster.add_node(num_cpus=1))
+        events["workers"] = [w.node_id for w in workers]
         checkpoint = os.path.join(run_dir, "student", "checkpoints", LOSE_AFTER)
         deadline = time.time() + 600
         while not os.path.exists(checkpoint) and driver.poll() is None and time.time() < deadline:

@@ -1,5 +1,5 @@
-"""Multi-node: a head and two worker nodes (separate raylets), one student worker per node, one
-node lost mid-stage. The stage resumes from its last checkpoint on the remaining and a re-added
+"""Multi-node: a head and two worker nodes (separate raylets, the second joining while the stage
+waits for it), one student worker per node, one node lost mid-stage. The stage resumes from its last checkpoint on the remaining and a re-added
 node and ends at the target sparsity; MLflow records the restart."""
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def test_one_worker_per_node_then_resume_after_node_loss(report) -> None:
     first, *later = report["attempts"]
     events = report["events"]
     assert sorted(first["nodes"]) == sorted(events["workers"])  # SPREAD: one rank on each worker node
+    # the second node joined after the stage had started: it waited for it (ray.resource_wait_s)
+    assert report["stage_started_at"] < events["late_join_at"] < first["time"]
     assert later, "the lost node did not cause a restart"
     last = later[-1]
     assert events["removed"] not in last["nodes"] and events["added"] in last["nodes"]

@@ -124,3 +124,16 @@ def test_summary_fits_one_screen():
     assert "student finished: step 6 of 6" in text and "[0, 2]" in text
     assert "sparsity/global=0.9000" in text and "/r/student/model" in text
     assert len(text.splitlines()) <= 10
+
+
+def test_too_few_resources_fail_at_once_or_after_the_wait(run_dir, ray_local):
+    import time
+
+    short = spec(run_dir, num_workers=4, cpus_per_worker=64, micro_batch_size=1, global_batch_size=16)
+    with pytest.raises(ValueError, match=r"needs 256(\.0)? CPUs; the Ray cluster has .*set ray.resource_wait_s"):
+        preflight(short)
+    short.resource_wait_s = 1.5
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"after waiting 1.5 s for nodes to join"):
+        preflight(short)
+    assert time.monotonic() - started >= 1.5  # it did wait for nodes that never joined

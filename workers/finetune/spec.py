@@ -39,6 +39,7 @@ class FinetuneSpec:
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     tracker: Any = field(default_factory=NullTracker)
     progress: bool = True
+    resource_wait_s: float = 0.0  # wait this long for the cluster to hold the workers (ray.resource_wait_s)
     fault: Optional[FaultInjection] = None
 
     def __post_init__(self) -> None:

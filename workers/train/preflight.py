@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import ray
@@ -14,18 +15,56 @@ from workers.train.inputs import collator_settings, load_tokenizer, read_manifes
 from workers.train.spec import TrainSpec
 
 
-def check_resources(spec: Any) -> None:
-    cfg = spec.train
-    if not ray.is_initialized():
-        raise RuntimeError("run_training needs a Ray cluster: call ray.init() first")
+def _shortfall(cfg: Any) -> str | None:
+    """What the cluster lacks for the stage's workers right now, or None."""
     total = ray.cluster_resources()
     need_cpu, need_gpu = cfg.num_workers * cfg.cpus_per_worker, cfg.num_workers * cfg.gpus_per_worker
     if need_gpu > total.get("GPU", 0):
-        raise ValueError(f"training.gpus_per_worker={cfg.gpus_per_worker} x num_workers={cfg.num_workers} needs "
-                         f"{need_gpu} GPUs; the Ray cluster has {total.get('GPU', 0)}")
+        return (f"gpus_per_worker={cfg.gpus_per_worker} x num_workers={cfg.num_workers} needs {need_gpu} GPUs; "
+                f"the Ray cluster has {total.get('GPU', 0)}")
     if need_cpu > total.get("CPU", 0):
-        raise ValueError(f"training.cpus_per_worker={cfg.cpus_per_worker} x num_workers={cfg.num_workers} needs "
-                         f"{need_cpu} CPUs; the Ray cluster has {total.get('CPU', 0)}")
+        return (f"cpus_per_worker={cfg.cpus_per_worker} x num_workers={cfg.num_workers} needs {need_cpu} CPUs; "
+                f"the Ray cluster has {total.get('CPU', 0)}")
+    return None
+
+
+def _request_capacity(cfg: Any, bundles: bool) -> None:
+    """Ask an autoscaling cluster for the workers' bundles (cleared again with bundles=False); a
+    cluster without an autoscaler ignores the request."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+        request_resources(bundles=[bundle] * cfg.num_workers if bundles else [])
+    except Exception:  # noqa: BLE001 - no autoscaler (local Ray): the wait below still applies
+        pass
+
+
+def check_resources(spec: Any) -> None:
+    """The cluster must hold the stage's workers. With `resource_wait_s` (recipe: ray.resource_wait_s)
+    it may get there: nodes still joining, or an autoscaler asked for them, within that time."""
+    cfg = spec.train
+    if not ray.is_initialized():
+        raise RuntimeError("run_training needs a Ray cluster: call ray.init() first")
+    wait_s = float(getattr(spec, "resource_wait_s", 0.0))
+    short = _shortfall(cfg)
+    if short is None:
+        return
+    if wait_s > 0:
+        _request_capacity(cfg, bundles=True)
+        deadline = time.monotonic() + wait_s
+        try:
+            while short is not None and time.monotonic() < deadline:
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                short = _shortfall(cfg)
+        finally:
+            _request_capacity(cfg, bundles=False)  # Ray Train's own placement group asks from here on
+        if short is None:
+            return
+        raise ValueError(f"{spec.stage}: {short} after waiting {wait_s:g} s for nodes to join "
+                         "(ray.resource_wait_s); check that the worker nodes can reach the head")
+    raise ValueError(f"{spec.stage}: {short}. On a cluster whose nodes are still joining or autoscaling, set "
+                     "ray.resource_wait_s to wait for them")
 
 
 def _check_data(spec: TrainSpec, vocab: dict[str, int]) -> None:

@@ -46,6 +46,7 @@ class TrainSpec:
     experiment_name: Optional[str] = None  # Ray Train run name; default pofa-<stage>
     preprocess_dir: Optional[str] = None  # default <run>/preprocess
     progress: bool = True  # rank-0 progress bar
+    resource_wait_s: float = 0.0  # wait this long for the cluster to hold the workers (ray.resource_wait_s)
     fault: Optional[FaultInjection] = None
 
     def __post_init__(self) -> None:
