@@ -3,6 +3,7 @@ are in a pretraining model's output, and which inputs its forward accepts. BERT 
 heads and segment ids; DistilBERT (`DistilBertForMaskedLM`) has MLM only and no segment ids."""
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Mapping, Optional
 
@@ -19,8 +20,14 @@ def nsp_logits(outputs: Any) -> Optional[Tensor]:
     return getattr(outputs, "seq_relationship_logits", None)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_params(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
 def accepted_inputs(model: nn.Module, batch: Mapping[str, Tensor], names: tuple[str, ...]) -> dict[str, Tensor]:
-    """The entries of `names` in `batch` that `model.forward` takes (DistilBERT has no token_type_ids)."""
+    """The entries of `names` in `batch` that `model.forward` takes (DistilBERT has no token_type_ids).
+    Read once per model class: this runs on every micro-batch."""
     inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    params = inspect.signature(inner.forward).parameters
+    params = _forward_params(type(inner))
     return {k: batch[k] for k in names if k in batch and k in params}

@@ -26,7 +26,7 @@ from pipelines.training.schedule import linear_lr
 from workers.finetune.prepare import examples_path, features_path
 from workers.finetune.spec import FinetuneSpec, lock_config
 from workers.train.context import barrier, broadcast_from_rank0, gather
-from workers.train.data import RankData, plan_shard
+from workers.train.data import RankData, plan_shard, read_rows
 from workers.train.export import export_model, gather_full_state
 from workers.train.worker import BaseWorker, run_worker
 
@@ -72,10 +72,11 @@ class FinetuneWorker(BaseWorker):
         cfg = self.cfg
         self.lr_fn = lambda step: linear_lr(step, base_lr=cfg.learning_rate, total_steps=cfg.max_steps,
                                             warmup_ratio=cfg.warmup_ratio)
-        train = pq.read_table(features_path(spec.data_dir, self.task.train_split))
-        lo, hi = rank_rows(len(train), rank, world_size)  # equal shares: unequal ones skew the gradient mean
-        self.data = RankData(train.slice(lo, hi - lo), cfg.samples_per_rank_per_step, cfg.micro_batch_size,
-                             self.seed, rank)
+        train_path = features_path(spec.data_dir, self.task.train_split)
+        # equal contiguous shares (unequal ones skew the gradient mean), read from this rank's row groups only
+        lo, hi = rank_rows(pq.ParquetFile(train_path).metadata.num_rows, rank, world_size)
+        self.data = RankData(read_rows(train_path, lo, hi, columns=None), cfg.samples_per_rank_per_step,
+                             cfg.micro_batch_size, self.seed, rank)
         self.eval_tables = {split: pq.read_table(features_path(spec.data_dir, split))
                             for split in self.task.eval_splits.values()}
 
@@ -117,21 +118,24 @@ class FinetuneWorker(BaseWorker):
                 out.extend(result.logits.float().cpu().numpy()[:real])
         return out
 
-    def _split_metrics(self, split: str, rows: list[np.ndarray]) -> dict[str, float]:
-        table = self.eval_tables[split]
-        if self.task.kind == "qa":
-            width = max(r.shape[-1] for r in rows)
-            padded = np.full((len(rows), 2, width), -1e9, dtype=np.float32)
-            for i, r in enumerate(rows):
-                padded[i, :, :r.shape[-1]] = r
-            with open(examples_path(self.spec.data_dir, split)) as f:
-                examples = [json.loads(line) for line in f]
-            answers = postprocess_qa(examples, table, padded[:, 0], padded[:, 1], self.spec.task.n_best_size,
-                                     self.spec.task.max_answer_length)
-            return squad_metrics(answers, examples)
-        preds = np.argmax(np.stack(rows), axis=-1)
-        labels = np.asarray(table.column("label").to_pylist())
-        return {"preds": preds, "labels": labels}  # type: ignore[dict-item]
+    def _qa_metrics(self, split: str, rows: list[np.ndarray]) -> dict[str, float]:
+        """Start/end logits of every feature (each [2, its length]) -> answer spans -> EM/F1."""
+        width = max(r.shape[-1] for r in rows)
+        padded = np.full((len(rows), 2, width), -1e9, dtype=np.float32)
+        for i, r in enumerate(rows):
+            padded[i, :, :r.shape[-1]] = r
+        with open(examples_path(self.spec.data_dir, split)) as f:
+            examples = [json.loads(line) for line in f]
+        answers = postprocess_qa(examples, self.eval_tables[split], padded[:, 0], padded[:, 1],
+                                 self.spec.task.n_best_size, self.spec.task.max_answer_length)
+        return squad_metrics(answers, examples)
+
+    def _classification_metrics(self, logits: dict[str, list[np.ndarray]]) -> dict[str, float]:
+        """Predictions and labels per evaluation split, keyed by the task's metric prefix."""
+        prefix_of = {split: prefix for prefix, split in self.task.eval_splits.items()}
+        preds = {prefix_of[s]: np.argmax(np.stack(rows), axis=-1) for s, rows in logits.items()}
+        labels = {prefix_of[s]: np.asarray(self.eval_tables[s].column("label").to_pylist()) for s in logits}
+        return classification_metrics(self.task, preds, labels)
 
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
@@ -139,15 +143,12 @@ class FinetuneWorker(BaseWorker):
         self.engine.train()
         metrics: Optional[dict[str, float]] = None
         if self.is_rank0:
-            per_split = {split: self._split_metrics(split, [r for share in parts for r in share])
-                         for split, parts in shares.items()}
+            logits = {split: [r for share in parts for r in share] for split, parts in shares.items()}
             if self.task.kind == "qa":
-                metrics = {f"eval/{k}": round(float(v), 4) for m in per_split.values() for k, v in m.items()}
+                found = {k: v for split, rows in logits.items() for k, v in self._qa_metrics(split, rows).items()}
             else:
-                prefix_of = {split: prefix for prefix, split in self.task.eval_splits.items()}
-                found = classification_metrics(self.task, {prefix_of[s]: m["preds"] for s, m in per_split.items()},
-                                               {prefix_of[s]: m["labels"] for s, m in per_split.items()})
-                metrics = {f"eval/{k}": round(float(v), 4) for k, v in found.items()}
+                found = self._classification_metrics(logits)
+            metrics = {f"eval/{k}": round(float(v), 4) for k, v in found.items()}
         metrics = broadcast_from_rank0(metrics)
         assert metrics is not None
         if self.pruning is not None:

@@ -64,7 +64,8 @@ def prepare_task(task: TaskConfig, init_model: str, data_dir: str) -> dict[str, 
     stats: dict[str, Any] = {"load": load_stats}
     for split, ds in splits.items():
         table, enc_stats = _encode(spec, task, ds, tokenizer, train=split == spec.train_split)
-        pq.write_table(table, features_path(tmp, split))
+        # row groups of 4096: each worker reads only the groups holding its share of the features
+        pq.write_table(table, features_path(tmp, split), row_group_size=4096)
         stats[split] = enc_stats
         if spec.kind == "qa" and split != spec.train_split:
             with open(examples_path(tmp, split), "w") as f:

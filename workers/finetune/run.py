@@ -1,7 +1,6 @@
 """Driver side of one fine-tuning run: checks before any worker starts, then the Ray Train job."""
 from __future__ import annotations
 
-import json
 import os
 
 from transformers import AutoConfig
@@ -10,26 +9,19 @@ from pipelines.finetune.tasks import get_task
 from workers.finetune.loop import finetune_loop
 from workers.finetune.prepare import features_path
 from workers.finetune.spec import FinetuneSpec
+from workers.train.inputs import saved_vocab
 from workers.train.preflight import check_checkpoint_world, check_resources
 from workers.train.spec import TrainResult
 from workers.train.stage import run_training
 
 
-def _vocab(folder: str) -> object:
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("model", {}).get("vocab")
-
-
 def _check_same_vocab(spec: FinetuneSpec) -> None:
     """The task's features were tokenized for the sparse model: a local teacher or model folder with
     another vocabulary would read them as different words (hub models are checked by their loader)."""
-    ours = _vocab(spec.tokenizer_dir)
+    ours = saved_vocab(spec.tokenizer_dir)
     for what, folder in (("model", spec.init_model), ("teacher", spec.teacher_dir)):
         if folder and os.path.isdir(folder):
-            theirs = _vocab(folder)
+            theirs = saved_vocab(folder)
             if ours is not None and theirs is not None and theirs != ours:
                 raise ValueError(f"finetune/{spec.task.name}: the {what} {folder!r} has another vocabulary than the "
                                  f"features in {spec.data_dir} (tokenized for the sparse model)")

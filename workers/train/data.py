@@ -45,8 +45,8 @@ def plan_shard(counts: list[int], rank: int, world_size: int) -> list[tuple[int,
     return pieces
 
 
-def _read_rows(path: str, start: int, stop: int) -> pa.Table:
-    """Rows [start, stop) of one file, reading only the row groups that overlap them."""
+def read_rows(path: str, start: int, stop: int, columns: tuple[str, ...] | None = COLUMNS) -> pa.Table:
+    """Rows [start, stop) of one file, reading only the row groups that overlap them (None: all columns)."""
     pf = pq.ParquetFile(path)
     groups, first_row, row = [], None, 0
     for g in range(pf.metadata.num_row_groups):
@@ -55,7 +55,7 @@ def _read_rows(path: str, start: int, stop: int) -> pa.Table:
             groups.append(g)
             first_row = row if first_row is None else first_row
         row += n
-    table = pf.read_row_groups(groups, columns=list(COLUMNS))
+    table = pf.read_row_groups(groups, columns=list(columns) if columns is not None else None)
     return table.slice(start - (first_row or 0), stop - start)
 
 
@@ -64,7 +64,7 @@ def load_shard(data_dir: str, rank: int, world_size: int) -> pa.Table:
     pieces = plan_shard(row_counts(files), rank, world_size)
     if not pieces:
         return pa.table({c: pa.array([], type=pa.int32()) for c in COLUMNS}).slice(0, 0)
-    return pa.concat_tables([_read_rows(files[i], a, b) for i, a, b in pieces]).combine_chunks()
+    return pa.concat_tables([read_rows(files[i], a, b) for i, a, b in pieces]).combine_chunks()
 
 
 def total_rows(data_dir: str) -> int:

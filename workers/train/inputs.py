@@ -17,6 +17,17 @@ def read_manifest(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def saved_vocab(folder: str) -> Any:
+    """The WordPiece vocabulary in a saved fast tokenizer's `tokenizer.json`, or None (absent/other kind):
+    cheap enough to compare two folders before any worker starts."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        vocab = json.load(f).get("model", {}).get("vocab")
+    return vocab if isinstance(vocab, dict) else None
+
+
 def load_tokenizer(tokenizer_dir: str) -> PreTrainedTokenizerBase:
     if not os.path.isdir(tokenizer_dir):
         raise ValueError(f"tokenizer folder {tokenizer_dir!r} is missing: run the preprocess stage first")

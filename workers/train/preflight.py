@@ -1,7 +1,6 @@
 """Checks that run on the driver before any worker starts, so bad input fails fast and clearly."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -11,7 +10,7 @@ import ray
 from pipelines.models.build import resolve_model_config
 from workers.train import checkpoint as ckpt
 from workers.train.data import total_rows
-from workers.train.inputs import collator_settings, load_tokenizer, read_manifest
+from workers.train.inputs import collator_settings, load_tokenizer, read_manifest, saved_vocab
 from workers.train.spec import TrainSpec
 
 
@@ -79,14 +78,11 @@ def _check_data(spec: TrainSpec, vocab: dict[str, int]) -> None:
         if split == "validation" and per_rank == 0:
             raise ValueError(f"{folder} has {rows} rows: fewer than training.num_workers={cfg.num_workers}")
     if spec.init_dir is not None:
-        init_tok = os.path.join(spec.init_dir, "tokenizer.json")
         if not os.path.isdir(spec.init_dir):
             raise ValueError(f"{spec.stage}: initial model {spec.init_dir!r} does not exist (train the teacher first)")
-        if os.path.isfile(init_tok):
-            with open(init_tok) as f:
-                theirs = json.load(f).get("model", {}).get("vocab")
-            if isinstance(theirs, dict) and theirs != vocab:
-                raise ValueError(f"{spec.init_dir} was trained with another tokenizer than {spec.tokenizer_dir}")
+        theirs = saved_vocab(spec.init_dir)
+        if theirs is not None and theirs != vocab:
+            raise ValueError(f"{spec.init_dir} was trained with another tokenizer than {spec.tokenizer_dir}")
 
 
 def check_checkpoint_world(spec: Any) -> None:
