@@ -86,6 +86,10 @@ def _summary(manifests: dict[str, dict], run_dir: str) -> None:
     times = ", ".join(f"{s} {m.get('wall_time_s', 0):.0f}s" for s, m in manifests.items() if m.get("wall_time_s"))
     if times:
         print(f"time      {times} (this run's work; skipped stages show their original time)")
+    if "://" in run_dir:  # an object store: the report is in the bucket (and this node's mirror)
+        if "report" in manifests:
+            print(f"report    {run_dir.split('?')[0].rstrip('/')}/report/README.md")
+        return
     report = os.path.join(run_dir, "report", "README.md")
     if os.path.exists(report):
         print(f"report    {report}")

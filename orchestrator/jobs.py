@@ -129,6 +129,10 @@ def build_submission(recipe_arg: str, overrides: Sequence[str] = (), run_dir: Op
     if target and "://" not in target and not os.path.isabs(target):
         raise ValueError(f"{key}: {target!r} is relative; on the cluster it would land in the job's temporary "
                          "working directory. Pass an absolute path or URI on storage the cluster shares")
+    if target and "://" in target:
+        from workers.storage import RunStore
+
+        RunStore.open(target)  # a malformed object-store URI fails here, before anything is sent
     if not target:
         warnings.append("no --run-dir: the job writes under ./runs inside its working directory on the cluster, "
                         "which is temporary; pass --run-dir on shared storage to keep the results")

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional
 from orchestrator.manifest import MANIFEST, fingerprint, read_manifest, why_stale, write_manifest
 from orchestrator.recipe.schema import Recipe
 from orchestrator.tracking import TrackingSession, flatten_params
-from orchestrator.rundir import RunDir
+from orchestrator.rundir import RunDir, RunDirError
 from orchestrator.stages import ORDER, STAGES, StageContext
 from pipelines.atomic import write_json_atomic
 
@@ -35,13 +35,16 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
     """Run the selected stages in order; returns stage -> manifest."""
     selected = select_stages(recipe, stages)
     rd = RunDir(run_dir)
-    rd.acquire()
+    rd.acquire(console)
     manifests: dict[str, dict] = {}
     connected = False
     tracking = None
     try:
+        console(f"pofa: run directory {rd.where}")
+        if rd.store.remote:
+            fetched = rd.sync_down()
+            console(f"pofa: working copy {rd.path} ({fetched} files fetched from the store)")
         rd.check_recipe(recipe, force)
-        console(f"pofa: run directory {rd.path}")
         tracking = open_tracking(recipe, rd)  # before any cluster work: an unreachable server fails here
         rd.write_recipe(recipe)
         tracking.log_artifact(os.path.join(rd.path, "recipe.yaml"))
@@ -56,6 +59,9 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
                 manifests[name] = read_manifest(ctx.stage_dir) or {}
                 continue
             resumed = _prepare_attempt(ctx.stage_dir, fp, clean=force)
+            if not resumed:
+                rd.clear_remote(name)
+            rd.sync_up(name)  # the attempt record: a rerun elsewhere continues this attempt
             console(f"[{name}] running ({reason})")
             if not connected and getattr(stage, "needs_ray", True):
                 from orchestrator.ray_runtime import connect
@@ -75,15 +81,21 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
                 raise
             manifests[name] = write_manifest(ctx.stage_dir, name, fp, inputs, config, result.stats, result.outputs,
                                              started)
+            rd.sync_up()  # the stage's outputs, then its manifest; recipe and tracking store with them
             record_stage(tracking, name, manifests[name], ctx.stage_dir, result.model_dir, console)
             console(f"[{name}] done in {manifests[name]['wall_time_s']:.1f}s")
         tracking.finish("FINISHED")
+        rd.sync_up()
         view = tracking.how_to_view()
         if view:
             console(view)
     except BaseException as exc:
         if tracking is not None:
             tracking.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            try:
+                rd.sync_up()  # keep what the failed attempt finished (and the run's tracking) durable
+            except RunDirError:
+                pass  # the original error matters more
         raise
     finally:
         rd.release()
@@ -96,7 +108,8 @@ def open_tracking(recipe: Recipe, rd: RunDir) -> TrackingSession:
     MLflow params cannot change."""
     first = not os.path.exists(os.path.join(rd.path, "tracking.json"))
     return TrackingSession.open(recipe.tracking, rd.path, recipe=recipe.model_dump(mode="json") if first else None,
-                                run_name=os.path.basename(rd.path))
+                                run_name=os.path.basename(rd.path),
+                                remote_run_dir=rd.where if rd.store.remote else None)
 
 
 def record_stage(tracking: TrackingSession, name: str, manifest: dict, stage_dir: str, model_dir: Optional[str],

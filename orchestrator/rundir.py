@@ -2,17 +2,22 @@
 
 Layout: recipe.yaml (resolved), <stage>/ with the stage's outputs and manifest.json, .lock while a
 pofa process works in it. Paths handed out are always inside the run directory.
+
+A local or shared-filesystem path is used as is. An object store URI (`s3://bucket/prefix`) is the
+durable copy, and the process works on this node's mirror of it (`workers.storage.RunStore`):
+`path` is then the mirror, `where` the URI.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import time
-from typing import IO, Optional
+from typing import IO, Any, Callable, Optional
 
 import yaml
 
 from pipelines.atomic import write_text_atomic
+from workers.storage import RunStore, StorageError, except_checkpoints, is_uri
 from orchestrator.recipe.load import dump_recipe
 from orchestrator.recipe.schema import Recipe
 
@@ -27,6 +32,8 @@ def choose_run_dir(recipe: Recipe, explicit: Optional[str], root: str = DEFAULT_
     """--run-dir, else the recipe's run_dir, else the newest ./runs/<name>-* made from this same recipe
     (so rerunning the same command resumes it), else a new ./runs/<name>-<timestamp>."""
     chosen = explicit or recipe.run_dir
+    if chosen and is_uri(chosen):
+        return chosen  # an object store: named explicitly, never guessed
     if chosen:
         return os.path.abspath(os.path.expanduser(chosen))
     root = os.path.abspath(root)
@@ -54,8 +61,36 @@ def _read(path: str) -> Optional[str]:
 
 class RunDir:
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+        try:
+            self.store = RunStore.open(path)
+        except StorageError as exc:  # a malformed URI
+            raise RunDirError(str(exc)) from None
+        self.path = self.store.local
+        self.where = self.store.display
         self._lock: Optional[IO[str]] = None
+        self._lease: Any = None  # orchestrator.lease.Lease while held (object stores)
+
+    def sync_down(self) -> int:
+        """Object store: bring this node's mirror up to date (a rerun on another node, or after the
+        mirror was lost). Returns the number of files fetched."""
+        try:
+            return self.store.pull(exclude=except_checkpoints)
+        except StorageError as exc:
+            raise RunDirError(str(exc)) from None
+
+    def sync_up(self, rel: str = "") -> int:
+        """The mirror's new or changed files under `rel` to the store, manifests last."""
+        try:
+            return self.store.push(rel, exclude=except_checkpoints)
+        except StorageError as exc:
+            raise RunDirError(str(exc)) from None
+
+    def clear_remote(self, rel: str) -> None:
+        """A stage redone from scratch: its stored outputs and checkpoints go too."""
+        try:
+            self.store.delete(rel)
+        except StorageError as exc:
+            raise RunDirError(str(exc)) from None
 
     def inside(self, *parts: str) -> str:
         """A path inside the run directory; anything that would resolve outside it is refused."""
@@ -67,8 +102,25 @@ class RunDir:
     def stage_dir(self, stage: str) -> str:
         return self.inside(stage)
 
-    def acquire(self) -> None:
-        """One pofa process per run directory: a second one stops here instead of corrupting the first."""
+    def acquire(self, console: Callable[[str], None] = print) -> None:
+        """One pofa process per run directory: a second one stops here instead of corrupting the first.
+        On an object store also: the store must take writes (checked before any cluster work), and
+        a lease keeps processes on other machines out."""
+        self._lock_local()
+        if not self.store.remote:
+            return
+        from orchestrator.lease import Lease, LeaseHeld
+
+        try:
+            self.store.check_writable()
+            lease = Lease(self.store, console)
+            lease.acquire()
+        except (StorageError, LeaseHeld) as exc:
+            self.release()
+            raise RunDirError(str(exc)) from None
+        self._lease = lease
+
+    def _lock_local(self) -> None:
         os.makedirs(self.path, exist_ok=True)
         f = open(os.path.join(self.path, ".lock"), "a+")
         try:
@@ -86,6 +138,9 @@ class RunDir:
         self._lock = f
 
     def release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
         if self._lock is not None:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
             self._lock.close()

@@ -28,3 +28,12 @@ def wiki_dump() -> str:
     path = resolve_source_path(GENSIM_WIKI)
     assert os.path.exists(path), "gensim's Wikipedia fragment is missing: is gensim installed?"
     return path
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (moto, IAM enforced) for the tests of object-store run directories."""
+    from tests.s3_server import s3_server
+
+    with s3_server(str(tmp_path_factory.mktemp("moto") / "moto.log")) as server:
+        yield server

@@ -104,7 +104,7 @@ class FinetuneStage:
                             init_model=init_model, train=train, seed=seed, teacher_dir=teacher_dir,
                             lock_pattern=ft.lock_pattern, qat=ft.qat and role == "student",
                             distillation=ft.distillation, tracker=tracker,
-                            resource_wait_s=ctx.recipe.ray.resource_wait_s)
+                            resource_wait_s=ctx.recipe.ray.resource_wait_s, store=ctx.run_dir.store)
         try:
             result = run_finetune(spec)
         except BaseException as exc:
@@ -117,6 +117,7 @@ class FinetuneStage:
                   "model_dir": spec.model_dir,
                   "train_time_s": round(result.elapsed_s, 3)}
         write_json_atomic(record, os.path.join(work_dir, RESULT))
+        ctx.run_dir.sync_up(f"{self.name}/{task.name}")  # a finished run is skipped on any later rerun
         if tracking is not None:
             tracking.end_stage(key, "FINISHED")
         return record
@@ -139,6 +140,7 @@ class FinetuneStage:
         # column in the last task must not surface hours into the first
         for task in ft.tasks:
             data[task.name] = prepare_task(task, student, os.path.join(ctx.stage_dir, task.name, "data"))
+            ctx.run_dir.sync_up(f"{self.name}/{task.name}/data")  # the workers, on any node, read it from there
         for task in ft.tasks:
             task_dir = os.path.join(ctx.stage_dir, task.name)
             n_train = int(data[task.name][get_task(task.name).train_split]["features"])

@@ -37,5 +37,5 @@ class PreprocessStage:
     def run(self, ctx: StageContext) -> StageResult:
         from workers.preprocess.job import run_preprocess
 
-        stats, outputs = run_preprocess(ctx.recipe.preprocess, ctx.recipe.seed, ctx.stage_dir)
+        stats, outputs = run_preprocess(ctx.recipe.preprocess, ctx.recipe.seed, ctx.stage_dir, ctx.run_dir.store)
         return StageResult(stats, outputs)

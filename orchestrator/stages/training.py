@@ -51,7 +51,7 @@ class TeacherStage:
 
         spec = TrainSpec(stage="teacher", run_dir=ctx.run_dir.path, train=ctx.recipe.teacher,
                          model=ctx.recipe.model, seed=ctx.recipe.seed, tracker=ctx.tracker,
-                         resource_wait_s=ctx.recipe.ray.resource_wait_s)
+                         resource_wait_s=ctx.recipe.ray.resource_wait_s, store=ctx.run_dir.store)
         result = run_training(spec)
         return StageResult(_stats(result), _model_outputs(ctx.stage_dir), model_dir=result.model_dir)
 
@@ -73,6 +73,7 @@ class StudentStage:
         spec = TrainSpec(stage="student", run_dir=ctx.run_dir.path, train=section.train_config(),
                          init_dir=os.path.join(ctx.run_dir.stage_dir("teacher"), "model"),
                          pruning=section.pruning, distillation=section.distillation, seed=ctx.recipe.seed,
-                         tracker=ctx.tracker, resource_wait_s=ctx.recipe.ray.resource_wait_s)
+                         tracker=ctx.tracker, resource_wait_s=ctx.recipe.ray.resource_wait_s,
+                         store=ctx.run_dir.store)
         result = run_training(spec)
         return StageResult(_stats(result), _model_outputs(ctx.stage_dir), model_dir=result.model_dir)

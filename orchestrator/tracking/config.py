@@ -67,15 +67,19 @@ def default_store_uri(run_dir: str | os.PathLike[str]) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / DB_FILE}"
 
 
-def resolve_store(config: TrackingConfig, run_dir: str | os.PathLike[str]) -> ResolvedStore:
+def resolve_store(config: TrackingConfig, run_dir: str | os.PathLike[str],
+                  remote_run_dir: str | None = None) -> ResolvedStore:
     """Pick the store: recipe `tracking.uri`, then `MLFLOW_TRACKING_URI`, then `<run_dir>/mlflow.db`.
 
     Local database stores get their artifacts under `<run_dir>/mlartifacts`: MLflow would
-    otherwise put them under `./mlruns` of whatever the current directory is.
+    otherwise put them under `./mlruns` of whatever the current directory is. When the run
+    directory lives on an object store (`remote_run_dir`, `run_dir` being this node's mirror), the
+    artifacts go straight to `<remote_run_dir>/mlartifacts`, a location every node can reach.
     """
     uri = config.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri(run_dir)
     if is_local_database(uri):
-        artifacts = (Path(run_dir).resolve() / ARTIFACTS_DIR).as_uri()
+        artifacts = (f"{remote_run_dir.rstrip('/')}/{ARTIFACTS_DIR}" if remote_run_dir
+                     else (Path(run_dir).resolve() / ARTIFACTS_DIR).as_uri())
         return ResolvedStore(uri=uri, artifact_location=artifacts)
     return ResolvedStore(uri=uri, artifact_location=None)
 

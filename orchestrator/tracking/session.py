@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from workers.tracking import NullTracker, Tracker
 
-from orchestrator.tracking.config import ResolvedStore, TrackingConfig, resolve_store
+from orchestrator.tracking.config import ResolvedStore, TrackingConfig, default_store_uri, resolve_store
 from orchestrator.tracking.connection import (
     TrackingUnreachableError,
     apply_request_settings,
@@ -38,16 +38,21 @@ logger = logging.getLogger("pofa.tracking")
 T = TypeVar("T")
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PARAMS_PER_REQUEST = 100
+LOCAL_STORE_KEY = "run-directory:mlflow.db"
 
 
 class TrackingSession:
     """MLflow bookkeeping of one run directory. With `enabled: false` every method is a no-op."""
 
-    def __init__(self, config: TrackingConfig, run_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, config: TrackingConfig, run_dir: str | os.PathLike[str],
+                 remote_run_dir: str | None = None) -> None:
         self.config = config
         self.run_dir = Path(run_dir).resolve()
         self.enabled = config.enabled
-        self.store: ResolvedStore = resolve_store(config, self.run_dir)
+        self.store: ResolvedStore = resolve_store(config, self.run_dir, remote_run_dir)
+        # the run directory's own database is found by that name, wherever the directory (or this
+        # node's mirror of it) sits; other stores by their URI
+        self._key = LOCAL_STORE_KEY if self.store.uri == default_store_uri(self.run_dir) else self.store.uri
         self.settings = SenderSettings.from_config(config)
         self._registry = RunRegistry.load(self.run_dir) if self.enabled else RunRegistry()
         self._entry: StoreEntry | None = None
@@ -65,13 +70,14 @@ class TrackingSession:
         recipe: Mapping[str, Any] | None = None,
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
+        remote_run_dir: str | None = None,
     ) -> "TrackingSession":
         """Check the store, then find this run directory's parent run or create it.
 
         `recipe` (the resolved recipe as a dict) is logged as flattened params on the parent.
         Raises TrackingUnreachableError within `connect_timeout_s` if a server does not answer.
         """
-        session = cls(config, run_dir)
+        session = cls(config, run_dir, remote_run_dir)
         if session.enabled:
             check_reachable(session.uri, config.connect_timeout_s)
             apply_request_settings(config.request_timeout_s, config.request_max_retries)
@@ -94,7 +100,7 @@ class TrackingSession:
         return self._entry.experiment_id if self._entry else None
 
     def _open_parent(self, run_name: str, tags: dict[str, str]) -> None:
-        entry = self._registry.stores.get(self.uri)
+        entry = self._registry.stores.get(self._key) or self._registry.stores.get(self.uri)
         if entry is not None and self._run_usable(entry.parent_run_id):
             self.resumed = True
             self._reopen(entry.parent_run_id)
@@ -113,7 +119,8 @@ class TrackingSession:
             entry = StoreEntry(experiment_id=experiment_id, parent_run_id=run.info.run_id)
         entry.status = "RUNNING"
         self._entry = entry
-        self._registry.stores[self.uri] = entry
+        self._registry.stores.pop(self.uri, None)  # an entry from before stores were keyed by name
+        self._registry.stores[self._key] = entry
         self._registry.save(self.run_dir)
 
     def _get_or_create_experiment(self) -> str:

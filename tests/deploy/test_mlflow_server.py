@@ -1,5 +1,6 @@
-"""deploy/mlflow/start.sh against a real PostgreSQL: runs land in the database, artifacts in the
-artifact store, and requests without valid credentials are refused."""
+"""deploy/mlflow/start.sh against a real PostgreSQL and a real S3-compatible object store (moto):
+runs land in the database, artifacts in the bucket, and requests without valid credentials are
+refused."""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +17,7 @@ import pytest
 import requests
 
 from tests.deploy.postgres import Postgres, free_port, postgres_tools, running_postgres
+from tests.s3_server import BUCKET, S3Server
 
 START = Path(__file__).resolve().parents[2] / "deploy" / "mlflow" / "start.sh"
 ADMIN, ADMIN_PASSWORD = "pofa-admin", "admin-test-password-1"
@@ -37,11 +39,11 @@ def postgres() -> Iterator[Postgres]:
 
 
 @pytest.fixture(scope="module")
-def server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def server(postgres: Postgres, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    env = _env(POFA_MLFLOW_BACKEND_STORE_URI=postgres.uri(), POFA_MLFLOW_ARTIFACTS=str(tmp / "artifacts"),
-               POFA_MLFLOW_PORT=str(port), POFA_MLFLOW_WORKERS="1", POFA_MLFLOW_STATE_DIR=str(tmp / "state"),
+    env = _env(POFA_MLFLOW_BACKEND_STORE_URI=postgres.uri(), POFA_MLFLOW_ARTIFACTS=s3.uri("mlflow-artifacts"),
+               MLFLOW_S3_ENDPOINT_URL=s3.endpoint, **s3.env(s3.read_write), POFA_MLFLOW_PORT=str(port), POFA_MLFLOW_WORKERS="1", POFA_MLFLOW_STATE_DIR=str(tmp / "state"),
                MLFLOW_AUTH_ADMIN_USERNAME=ADMIN, MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
                MLFLOW_FLASK_SERVER_SECRET_KEY="test-csrf-key")
     log = open(tmp / "server.log", "w")
@@ -59,7 +61,7 @@ def server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 pass
             assert time.monotonic() < deadline, f"no /health in 60 s:\n{(tmp / 'server.log').read_text()}"
             time.sleep(0.5)
-        yield {"url": url, "artifacts": tmp / "artifacts", "state": tmp / "state", "tmp": tmp}
+        yield {"url": url, "s3": s3, "state": tmp / "state", "tmp": tmp}
     finally:
         with contextlib.suppress(ProcessLookupError):  # gone already when it failed to start
             os.killpg(proc.pid, signal.SIGTERM)
@@ -104,9 +106,17 @@ def test_logs_a_run_with_credentials(server: dict, postgres: Postgres, credentia
     assert got.data.params == {"student.pruning.final_sparsity": "0.9"}
     assert [m.value for m in client.get_metric_history(rid, "train/loss")] == [2.5, 2.0, 1.5]
     assert [f.path for f in client.list_artifacts(rid, "report")] == ["report/README.md"]
-    # Proxied artifacts: the client wrote through the server into the configured destination.
-    stored = list(server["artifacts"].rglob("README.md"))
-    assert len(stored) == 1 and stored[0].read_text() == "# tiny run report\n"
+    # Proxied artifacts: the client (no object-store credentials) wrote through the server into the bucket.
+    import boto3
+
+    s3 = server["s3"]
+    bucket = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
+                          aws_access_key_id=s3.read_only["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=s3.read_only["AWS_SECRET_ACCESS_KEY"])
+    keys = [o["Key"] for o in bucket.list_objects_v2(Bucket=BUCKET, Prefix="mlflow-artifacts/")["Contents"]]
+    stored = [k for k in keys if k.endswith(f"/{rid}/artifacts/report/README.md")]
+    assert len(stored) == 1
+    assert bucket.get_object(Bucket=BUCKET, Key=stored[0])["Body"].read() == b"# tiny run report\n"
     # The run is in PostgreSQL, not in some local file store.
     with psycopg.connect(postgres.uri()) as conn, conn.cursor() as cur:
         cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (rid,))

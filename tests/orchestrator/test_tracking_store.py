@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from orchestrator.tracking import AsyncMlflowTracker, TrackingConfig, TrackingSession, default_tags
 from workers.tracking import NullTracker, Tracker
+from orchestrator.tracking.session import LOCAL_STORE_KEY
 
 RECIPE = {
     "name": "tiny",
@@ -118,7 +119,7 @@ def test_pipeline_run_records_parent_nested_runs_params_metrics_artifacts(run_di
     assert not (Path.cwd() / "mlruns").exists()
     assert "mlflow ui --backend-store-uri sqlite:///" in session.how_to_view()
     registry = json.loads((run_dir / "tracking.json").read_text())
-    assert registry["stores"][session.uri]["stages"]["teacher"] == {"run_id": teacher, "status": "FINISHED"}
+    assert registry["stores"][LOCAL_STORE_KEY]["stages"]["teacher"] == {"run_id": teacher, "status": "FINISHED"}
 
 
 def test_rerun_reuses_parent_and_unfinished_stage_run(run_dir):

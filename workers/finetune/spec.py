@@ -9,6 +9,7 @@ from pipelines.distillation import DistillationConfig
 from pipelines.finetune.config import TaskConfig
 from pipelines.sparsity.config import PruningConfig, ScheduleConfig
 from pipelines.training.config import TrainConfig
+from workers.storage import RunStore
 from workers.tracking import NullTracker, Tracker
 from workers.train.spec import FaultInjection
 
@@ -41,6 +42,7 @@ class FinetuneSpec:
     progress: bool = True
     resource_wait_s: float = 0.0  # wait this long for the cluster to hold the workers (ray.resource_wait_s)
     fault: Optional[FaultInjection] = None
+    store: Optional[RunStore] = None  # set when the run directory lives on an object store (paths are its mirror)
 
     def __post_init__(self) -> None:
         if self.role not in ("teacher", "student"):
@@ -75,6 +77,11 @@ class FinetuneSpec:
     @property
     def summary_path(self) -> str:
         return os.path.join(self.work_dir, "train_summary.json")
+
+    @property
+    def input_paths(self) -> list[str]:
+        """What the workers read: pulled to each node's mirror when the run directory is remote."""
+        return [self.data_dir, self.init_model, self.teacher_dir or ""]
 
     @property
     def ray_storage_path(self) -> str:

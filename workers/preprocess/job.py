@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from typing import Any
+from typing import Any, Optional
 
 import ray
 
@@ -21,6 +21,7 @@ from pipelines.data.sources import iter_documents, read_units
 from pipelines.data.tokenizer import load_tokenizer, train_wordpiece
 from pipelines.atomic import file_sha256
 from workers.preprocess.tasks import ShardProcessor, read_shards
+from workers.storage import RunStore
 
 # One tokenizer thread per worker: the workers are the parallelism, and measuring their scaling needs this.
 _WORKER_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -41,29 +42,46 @@ def _corpus_sample(cfg: PreprocessConfig):
 
 
 @ray.remote(num_cpus=1, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-def _train_tokenizer(cfg_json: str, out_dir: str) -> None:
+def _train_tokenizer(cfg_json: str, out_dir: str, store: Optional[RunStore] = None) -> None:
+    """Runs on any node; with a run directory on an object store its files go to the store (the
+    driver's mirror fetches them), `tokenizer.json` last since its presence means done."""
     cfg = PreprocessConfig.model_validate_json(cfg_json)
-    train_wordpiece(_corpus_sample(cfg), cfg.tokenizer.train_vocab_size, cfg.tokenizer.lowercase, out_dir,
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    train_wordpiece(_corpus_sample(cfg), cfg.tokenizer.train_vocab_size, cfg.tokenizer.lowercase, tmp,
                     cfg.max_seq_length)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    if store is not None and store.remote:
+        rel = store.rel(out_dir)
+        names = sorted(os.listdir(out_dir), key=lambda n: n == "tokenizer.json")
+        for name in names:
+            store.upload(f"{rel}/{name}")
 
 
-def prepare_tokenizer(cfg: PreprocessConfig, tokenizer_dir: str) -> None:
+def prepare_tokenizer(cfg: PreprocessConfig, tokenizer_dir: str, store: Optional[RunStore] = None) -> None:
     """Put the tokenizer in the run directory, so the run needs nothing outside it to resume or train."""
     if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
         return  # made by an interrupted attempt with the same fingerprint
+    if cfg.tokenizer.trains:
+        ray.get(_train_tokenizer.remote(cfg.model_dump_json(), tokenizer_dir, store))
+        if store is not None and store.remote:
+            store.pull(store.rel(tokenizer_dir))
+        return
     tmp = tokenizer_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.tokenizer.trains:
-        ray.get(_train_tokenizer.remote(cfg.model_dump_json(), tmp))
-    else:
-        load_tokenizer(cfg.tokenizer.name).save_pretrained(tmp)
+    load_tokenizer(cfg.tokenizer.name).save_pretrained(tmp)
     os.replace(tmp, tokenizer_dir)
+    if store is not None and store.remote:
+        store.push(store.rel(tokenizer_dir))
 
 
-def run_preprocess(cfg: PreprocessConfig, seed: int, out_dir: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run the stage; returns (manifest statistics, output files relative to out_dir -> sha256)."""
+def run_preprocess(cfg: PreprocessConfig, seed: int, out_dir: str,
+                   store: Optional[RunStore] = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run the stage; returns (manifest statistics, output files relative to out_dir -> sha256).
+    `store`: the run directory's object store, when `out_dir` is its mirror."""
     tokenizer_dir = os.path.join(out_dir, "tokenizer")
-    prepare_tokenizer(cfg, tokenizer_dir)
+    prepare_tokenizer(cfg, tokenizer_dir, store)
     cfg_json = cfg.model_dump_json()
     units = read_units(cfg.source)
     ctx = ray.data.DataContext.get_current()
@@ -77,10 +95,12 @@ def run_preprocess(cfg: PreprocessConfig, seed: int, out_dir: str) -> tuple[dict
                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=max(1, min(len(units), cfg.num_workers))))
     ds = ds.map_batches(ShardProcessor, batch_size=1, batch_format="pyarrow",
                         fn_constructor_kwargs={"cfg_json": cfg_json, "seed": seed, "out_dir": out_dir,
-                                               "tokenizer_dir": tokenizer_dir},
+                                               "tokenizer_dir": tokenizer_dir, "store": store},
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_cpus=cfg.cpus_per_worker,
                         runtime_env={"env_vars": _WORKER_ENV})
     records = sorted((json.loads(r["result"]) for r in ds.iter_rows()), key=lambda r: r["shard_id"])
+    if store is not None and store.remote:  # shards written on other nodes: into this mirror too
+        store.pull(store.rel(out_dir))
     files: dict[str, str] = {}
     for r in records:
         files.update(r["files"])

@@ -77,7 +77,7 @@ def read_manifest(folder: str) -> dict:
         return json.load(f)
 
 
-def _check_file(path: str) -> Optional[str]:
+def check_file(path: str) -> Optional[str]:
     """Loadability without unpickling: zip CRCs of torch files, safetensors headers, JSON syntax."""
     try:
         if path.endswith(".pt"):
@@ -97,6 +97,15 @@ def _check_file(path: str) -> Optional[str]:
     return None
 
 
+def missing_required(files: dict[str, int], world: int) -> Optional[str]:
+    """What a checkpoint of `world` ranks lacks among the files every checkpoint has, or None."""
+    required = [TRAINER_STATE, "latest"] + [f"rank-{r}.json" for r in range(world)]
+    missing = [f for f in required if f not in files]
+    if missing or not any(f.startswith(DS_TAG + "/") for f in files):
+        return f"incomplete: missing {missing or [DS_TAG + '/']}"
+    return None
+
+
 def verify_checkpoint(folder: str) -> Optional[str]:
     """None when complete and readable, else why not."""
     try:
@@ -104,18 +113,16 @@ def verify_checkpoint(folder: str) -> Optional[str]:
     except (OSError, ValueError) as exc:
         return f"no readable {MANIFEST} ({exc})"
     files = manifest.get("files", {})
-    world = int(manifest.get("world_size", 0))
-    required = [TRAINER_STATE, "latest"] + [f"rank-{r}.json" for r in range(world)]
-    missing = [f for f in required if f not in files]
-    if missing or not any(f.startswith(DS_TAG + os.sep) for f in files):
-        return f"incomplete: missing {missing or [DS_TAG + '/']}"
+    problem = missing_required(files, int(manifest.get("world_size", 0)))
+    if problem:
+        return problem
     for rel, size in files.items():
         path = os.path.join(folder, rel)
         if not os.path.isfile(path):
             return f"missing file {rel}"
         if os.path.getsize(path) != size:
             return f"{rel} has {os.path.getsize(path)} bytes, manifest says {size}"
-        problem = _check_file(path)
+        problem = check_file(path)
         if problem:
             return f"{rel}: {problem}"
     return None

@@ -86,6 +86,10 @@ def _check_data(spec: TrainSpec, vocab: dict[str, int]) -> None:
 
 
 def check_checkpoint_world(spec: Any) -> None:
+    store = getattr(spec, "store", None)
+    if store is not None and store.remote:
+        _check_stored_checkpoint_world(spec, store)
+        return
     for _, path in ckpt.list_checkpoints(spec.checkpoint_dir)[:1]:
         try:
             world = ckpt.read_manifest(path).get("world_size")
@@ -94,6 +98,20 @@ def check_checkpoint_world(spec: Any) -> None:
         if world is not None and world != spec.train.num_workers:
             raise ValueError(f"{path} was written by {world} workers; resuming needs training.num_workers={world} "
                              f"(got {spec.train.num_workers})")
+
+
+def _check_stored_checkpoint_world(spec: Any, store: Any) -> None:
+    from workers.train import stored_checkpoint as stored
+
+    root = store.rel(spec.checkpoint_dir)
+    for _, rel in stored.committed(store, root)[:1] if root is not None else []:
+        try:
+            world = stored.read_stored_manifest(store, rel).get("world_size")
+        except (OSError, ValueError, RuntimeError):
+            return  # unreadable: the workers set it aside and fall back
+        if world is not None and world != spec.train.num_workers:
+            raise ValueError(f"{store.where(rel)} was written by {world} workers; resuming needs "
+                             f"training.num_workers={world} (got {spec.train.num_workers})")
 
 
 def preflight(spec: TrainSpec) -> None:

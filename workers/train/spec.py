@@ -9,6 +9,7 @@ from pipelines.distillation import DistillationConfig
 from pipelines.models.config import ModelConfig
 from pipelines.sparsity.config import PruningConfig
 from pipelines.training.config import TrainConfig
+from workers.storage import RunStore
 from workers.tracking import NullTracker, Tracker
 
 Stage = Literal["teacher", "student"]
@@ -48,6 +49,7 @@ class TrainSpec:
     progress: bool = True  # rank-0 progress bar
     resource_wait_s: float = 0.0  # wait this long for the cluster to hold the workers (ray.resource_wait_s)
     fault: Optional[FaultInjection] = None
+    store: Optional[RunStore] = None  # set when the run directory lives on an object store (run_dir is its mirror)
 
     def __post_init__(self) -> None:
         if self.stage not in ("teacher", "student"):
@@ -102,6 +104,12 @@ class TrainSpec:
     @property
     def manifest_path(self) -> str:
         return os.path.join(self._preprocess, "manifest.json")
+
+    @property
+    def input_paths(self) -> list[str]:
+        """What the workers read: pulled to each node's mirror when the run directory is remote."""
+        return [self.train_data_dir, self.validation_data_dir, self.tokenizer_dir, self.manifest_path,
+                self.init_dir or ""]
 
     @property
     def ray_storage_path(self) -> str:

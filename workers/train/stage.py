@@ -9,10 +9,11 @@ from typing import Any, Callable
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from workers.storage import except_checkpoints
 from workers.train.loop import train_loop
 from workers.train.preflight import preflight
 from workers.train.progress import format_summary
-from workers.train.spec import TrainResult, TrainSpec
+from workers.train.spec import TrainResult
 
 
 def build_trainer(spec: Any, loop: Callable[[dict], None] = train_loop) -> TorchTrainer:
@@ -20,6 +21,12 @@ def build_trainer(spec: Any, loop: Callable[[dict], None] = train_loop) -> Torch
     `spec`: a TrainSpec or another spec with the same paths and `train` settings (fine-tuning's)."""
     cfg = spec.train
     use_gpu = cfg.gpus_per_worker > 0
+    storage_path, filesystem = os.path.abspath(spec.ray_storage_path), None
+    store = getattr(spec, "store", None)
+    if store is not None and store.remote:  # Ray Train's own state goes to the store too: any node resumes
+        rel = store.rel(storage_path)
+        if rel is not None:
+            filesystem, storage_path = store.filesystem()[0], store.remote_path(rel)
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
@@ -30,7 +37,7 @@ def build_trainer(spec: Any, loop: Callable[[dict], None] = train_loop) -> Torch
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=cfg.placement_strategy),
-        run_config=RunConfig(name=spec.ray_run_name, storage_path=os.path.abspath(spec.ray_storage_path),
+        run_config=RunConfig(name=spec.ray_run_name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": env}),
@@ -43,6 +50,14 @@ def _start_steps(spec: Any) -> list[int]:
         return []
     with open(path) as f:
         return [json.loads(line)["start_step"] for line in f if line.strip()]
+
+
+def pull_stage_outputs(spec: Any) -> None:
+    """Rank 0 may have run on another node: bring its summary, logs and export to this mirror."""
+    store = getattr(spec, "store", None)
+    rel = store.rel(spec.stage_dir) if store is not None and store.remote else None
+    if rel is not None:
+        store.pull(rel, exclude=except_checkpoints)
 
 
 # Ray Train V2 gives a worker group 60 s to start; workers importing torch + DeepSpeed on a busy or
@@ -62,6 +77,7 @@ def run_training(spec: Any, *, echo: bool = True, loop: Callable[[dict], None] =
     if os.path.exists(spec.summary_path):
         os.remove(spec.summary_path)  # the summary describes the attempt that finishes now
     build_trainer(spec, loop).fit()
+    pull_stage_outputs(spec)
     with open(spec.summary_path) as f:
         summary = json.load(f)
     summary["start_steps"] = _start_steps(spec)

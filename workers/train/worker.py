@@ -23,8 +23,10 @@ import torch
 from ray.train import Checkpoint
 
 from pipelines.sparsity.callback import PruningCallback
+from workers.storage import RunStore, except_checkpoints
 from workers.train import checkpoint as ckpt
 from workers.train import state as st
+from workers.train import stored_checkpoint as stored
 from workers.train.context import SafeTracker, all_reduce_sum, barrier, broadcast_from_rank0, gather, logger
 from workers.train.data import DataCursor, RankData
 from workers.train.engine import build_engine, set_learning_rate
@@ -55,11 +57,37 @@ class BaseWorker:
         self.timings: dict[str, Any] = {"checkpoint_save_s": []}
         if self.is_rank0:
             os.makedirs(spec.checkpoint_dir, exist_ok=True)
+        self.store: Optional[RunStore] = spec.store if getattr(spec, "store", None) and spec.store.remote else None
+        if self.store is not None:
+            self._pull_inputs()
         self.tracker = SafeTracker(spec.tracker, spec.metrics_path, self.is_rank0)
         self.step, self.cursor = 0, DataCursor()
         self.last_metrics: dict[str, float] = {}
         self.last_checkpoint: Optional[str] = None
         self.pruning: Optional[PruningCallback] = None
+
+    # -- run directory on an object store -------------------------------------------------------
+    def _pull_inputs(self) -> None:
+        """This node's mirror gets what the run reads (data, tokenizer, models) from the store; files
+        it already holds unchanged are not downloaded again."""
+        assert self.store is not None
+        os.makedirs(self.spec.checkpoint_dir, exist_ok=True)
+        for path in self.spec.input_paths:
+            rel = self.store.rel(path) if path else None
+            if rel is not None:
+                self.store.pull(rel)
+
+    def _stage_rel(self) -> str:
+        assert self.store is not None
+        rel = self.store.rel(self.spec.stage_dir)
+        if rel is None:
+            raise ValueError(f"{self.spec.stage_dir} is outside the run directory mirror {self.store.local}")
+        return rel
+
+    def push_stage_files(self) -> None:
+        """Rank 0: the stage folder's logs, summary and export to the store (checkpoints go their own way)."""
+        if self.store is not None and self.is_rank0:
+            self.store.push(self._stage_rel(), exclude=except_checkpoints)
 
     def _setup(self, model: torch.nn.Module) -> None:
         """DeepSpeed engine (train mode) and, when the spec prunes or locks a pattern, the pruning callback."""
@@ -101,17 +129,24 @@ class BaseWorker:
     # -- resume --------------------------------------------------------------------------------
     def resume(self) -> int:
         """Load the newest verified checkpoint (rank 0 chooses, all load); returns the start step."""
-        choice = None
-        if self.is_rank0:
-            found = ckpt.latest_valid_checkpoint(self.spec.checkpoint_dir, warn=logger.warning)
-            choice = found[1] if found else None
-        choice = broadcast_from_rank0(choice)
+        started = time.perf_counter()
+        if self.store is not None:
+            choice = self._resume_stored()
+        else:
+            choice = None
+            if self.is_rank0:
+                found = ckpt.latest_valid_checkpoint(self.spec.checkpoint_dir, warn=logger.warning)
+                choice = found[1] if found else None
+            choice = broadcast_from_rank0(choice)
+            if choice is not None:
+                self._load(choice)
         if choice is not None:
-            started = time.perf_counter()
-            self._load(choice)
             self.timings["checkpoint_load_s"] = time.perf_counter() - started
         nodes = gather(ray.get_runtime_context().get_node_id() if self.in_ray else "local")
         if self.is_rank0:
+            if self.store is not None:  # the history of earlier attempts, maybe from another node
+                rel = self._stage_rel()
+                self.store.pull(rel, only=lambda r: r in (f"{rel}/attempts.jsonl", f"{rel}/metrics.jsonl"))
             with open(os.path.join(self.spec.stage_dir, "attempts.jsonl"), "a") as f:
                 f.write(json.dumps({"start_step": self.step, "checkpoint": choice, "time": time.time(),
                                     "nodes": nodes}) + "\n")
@@ -120,6 +155,37 @@ class BaseWorker:
             self.tracker.tags({f"{self.spec.stage}.start_step": str(self.step),
                                f"{self.spec.stage}.attempts": str(attempts)})
         return self.step
+
+    def _resume_stored(self) -> Optional[str]:
+        """The newest committed stored checkpoint that every rank can download and read: rank 0 picks,
+        all fetch their share, and one that fails anywhere is un-committed and the previous one tried."""
+        assert self.store is not None
+        root = self.store.rel(self.spec.checkpoint_dir)
+        assert root is not None
+        while True:
+            choice = None
+            if self.is_rank0:
+                for _, rel in stored.committed(self.store, root):
+                    problem = stored.verify_stored(self.store, rel)
+                    if problem is None:
+                        choice = rel
+                        break
+                    stored.set_aside(self.store, rel, problem, logger.warning)
+            choice = broadcast_from_rank0(choice)
+            if choice is None:
+                return None
+            local = os.path.join(self.spec.checkpoint_dir, f".tmp-restore-{os.path.basename(choice)}.rank-{self.rank}")
+            problems = [p for p in gather(stored.fetch(self.store, choice, self.rank, local)) if p]
+            if not problems:
+                try:
+                    self._load(local)
+                finally:
+                    shutil.rmtree(local, ignore_errors=True)  # DeepSpeed holds it in memory now
+                self.last_checkpoint = self.store.where(choice)
+                return self.last_checkpoint
+            shutil.rmtree(local, ignore_errors=True)
+            if self.is_rank0:
+                stored.set_aside(self.store, choice, "; ".join(problems), logger.warning)
 
     def _load(self, folder: str) -> None:
         trainer_state = st.load_trainer_state(folder)
@@ -167,6 +233,64 @@ class BaseWorker:
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
         """Temp folder -> every rank writes -> rank 0 verifies, renames, prunes -> report to Ray Train."""
         started = time.perf_counter()
+        if self.pruning is not None:
+            self.pruning.apply()  # checkpoints written before re-masking would not be sparse
+        if self.store is not None:
+            final = self._save_stored()
+        else:
+            final = self._save_local()
+        self.last_checkpoint = final
+        self.tracker.flush()
+        self.push_stage_files()  # the metrics so far go with the checkpoint
+        self.timings["checkpoint_save_s"].append(time.perf_counter() - started)
+        if self.in_ray:
+            self._report(metrics, final)
+
+    def _write_state(self, folder: str) -> None:
+        """Every rank's part of a checkpoint into `folder` (collective: DeepSpeed saves on all ranks)."""
+        self.engine.save_checkpoint(folder, tag=ckpt.DS_TAG, client_state={"pofa_step": self.step})
+        st.save_rank_state(folder, self.rank, self.world, self.step, self.cursor)
+        if self.is_rank0:
+            st.save_trainer_state(folder, {"step": self.step, "stage": self.spec.stage, "world_size": self.world,
+                                           "global_batch_size": self.cfg.global_batch_size, "seed": self.seed,
+                                           "samples_seen": self.step * self.cfg.global_batch_size})
+            if self.pruning is not None:
+                st.save_pruning_state(folder, self.pruning.state_dict())
+
+    def _save_stored(self) -> str:
+        """Each rank stages and uploads its own files; rank 0 commits (MANIFEST.json last) and prunes."""
+        assert self.store is not None
+        root = self.store.rel(self.spec.checkpoint_dir)
+        assert root is not None
+        rel_step = f"{root}/{ckpt.step_dir_name(self.step)}"
+        staging = os.path.join(self.spec.checkpoint_dir, f"{ckpt.tmp_dir_name(self.step)}.rank-{self.rank}")
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        if self.is_rank0:
+            self.store.delete(rel_step)  # the same step written again after a restart: no stale files
+        barrier()
+        problem: Optional[str] = None
+        try:
+            self._write_state(staging)
+            files = stored.staged_files(staging)
+            stored.upload(self.store, staging, rel_step, files)
+        except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+            problem, files = f"rank {self.rank}: {exc}", {}
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        reported = gather({"problem": problem, "files": files})
+        if self.is_rank0:
+            problem = next((r["problem"] for r in reported if r["problem"]), None)
+            if problem is None:
+                problem = stored.commit(self.store, rel_step, self.step, self.world, [r["files"] for r in reported])
+            if problem is None:
+                stored.prune(self.store, root, self.cfg.keep_checkpoints)
+        problem = broadcast_from_rank0(problem)
+        if problem is not None:
+            raise RuntimeError(f"checkpoint at step {self.step} was not stored: {problem}")
+        return self.store.where(rel_step)
+
+    def _save_local(self) -> str:
         root = self.spec.checkpoint_dir
         tmp = os.path.join(root, ckpt.tmp_dir_name(self.step))
         final = os.path.join(root, ckpt.step_dir_name(self.step))
@@ -174,16 +298,7 @@ class BaseWorker:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         barrier()
-        if self.pruning is not None:
-            self.pruning.apply()  # checkpoints written before re-masking would not be sparse
-        self.engine.save_checkpoint(tmp, tag=ckpt.DS_TAG, client_state={"pofa_step": self.step})
-        st.save_rank_state(tmp, self.rank, self.world, self.step, self.cursor)
-        if self.is_rank0:
-            st.save_trainer_state(tmp, {"step": self.step, "stage": self.spec.stage, "world_size": self.world,
-                                        "global_batch_size": self.cfg.global_batch_size, "seed": self.seed,
-                                        "samples_seen": self.step * self.cfg.global_batch_size})
-            if self.pruning is not None:
-                st.save_pruning_state(tmp, self.pruning.state_dict())
+        self._write_state(tmp)
         barrier()
         problem = None
         if self.is_rank0:
@@ -195,11 +310,7 @@ class BaseWorker:
         problem = broadcast_from_rank0(problem)
         if problem is not None:
             raise RuntimeError(f"checkpoint at step {self.step} failed verification: {problem}")
-        self.last_checkpoint = final
-        self.tracker.flush()
-        self.timings["checkpoint_save_s"].append(time.perf_counter() - started)
-        if self.in_ray:
-            self._report(metrics, final)
+        return final
 
     def _report(self, metrics: dict[str, float], final: str) -> None:
         """Same number of calls on every rank; only rank 0 attaches the (pointer) checkpoint."""
@@ -210,7 +321,7 @@ class BaseWorker:
             return
         with tempfile.TemporaryDirectory() as pointer:
             with open(os.path.join(pointer, "pofa_checkpoint.json"), "w") as f:
-                json.dump({"step": self.step, "path": os.path.abspath(final)}, f)
+                json.dump({"step": self.step, "path": final if "://" in final else os.path.abspath(final)}, f)
             ray.train.report(payload, checkpoint=Checkpoint.from_directory(pointer),
                              checkpoint_dir_name=ckpt.step_dir_name(self.step))
 
@@ -267,3 +378,4 @@ def run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spec
         os.replace(tmp, spec.summary_path)
         worker.tracker.artifact(spec.summary_path)
         worker.tracker.flush()
+    worker.push_stage_files()  # rank 0: export and summary to the store, for the driver on any node

@@ -1,0 +1,65 @@
+"""The lease that keeps two machines out of one object-store run directory, against a real
+S3-compatible server: a live holder is refused, one left by a killed process is taken over."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from orchestrator.lease import LEASE, Lease, LeaseHeld
+from orchestrator.rundir import RunDir, RunDirError
+from tests.s3_server import S3Server
+from workers.storage import RunStore
+
+
+@pytest.fixture
+def store(s3: S3Server, tmp_path, monkeypatch, request) -> RunStore:
+    for name, value in s3.env(s3.read_write).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("POFA_LEASE_S", "3")
+    monkeypatch.setenv("POFA_MIRROR_DIR", str(tmp_path / "mirror"))
+    return RunStore.open(s3.uri(f"leases/{request.node.name}"), mirror_root=str(tmp_path / "mirror"))
+
+
+def test_a_live_holder_is_refused_and_named(store: RunStore) -> None:
+    holder = Lease(store, console=lambda _: None)
+    holder.acquire()
+    try:
+        started = time.monotonic()
+        with pytest.raises(LeaseHeld, match=f"in use by pid .*{holder.owner.split(' on ')[1]}"):
+            Lease(store, console=lambda _: None).acquire()
+        assert time.monotonic() - started < 6  # it saw the heartbeat move: no need to wait out the lease
+    finally:
+        holder.release()
+    assert not store.exists(LEASE)  # released: the next process starts at once
+
+
+def test_a_lease_left_by_a_killed_process_expires_and_is_taken_over(store: RunStore) -> None:
+    dead = Lease(store, console=lambda _: None)
+    dead.acquire()
+    dead._stop.set()  # the process is gone: no more heartbeats, and no release
+    said: list[str] = []
+    started = time.monotonic()
+    successor = Lease(store, console=said.append)
+    successor.acquire()
+    try:
+        assert 2 <= time.monotonic() - started < 10 and "waiting up to 3 s" in said[0]
+        assert successor._read()["token"] == successor.token
+    finally:
+        successor.release()
+
+
+def test_run_dir_on_a_store_takes_and_gives_back_the_lease(store: RunStore, s3: S3Server, monkeypatch) -> None:
+    rd = RunDir(store.uri)
+    rd.acquire(console=lambda _: None)
+    try:
+        assert store.exists(LEASE)
+        with pytest.raises(RunDirError, match="in use by"):
+            RunDir(store.uri).acquire(console=lambda _: None)  # same mirror: the file lock refuses first
+    finally:
+        rd.release()
+    assert not store.exists(LEASE)
+    for name, value in s3.env(s3.read_only).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RunDirError, match="refused"):
+        RunDir(store.uri).acquire(console=lambda _: None)
