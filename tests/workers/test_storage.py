@@ -128,3 +128,18 @@ def test_checkpoints_commit_last_fetch_one_rank_share_and_set_aside_corruption(s
     stored.set_aside(store, newest, problem, warnings.append)
     assert [s for s, _ in stored.committed(store, root)] == [4] and warnings
     assert "CORRUPT.json" in {os.path.basename(n) for n in store.listing(newest)}
+
+
+def test_a_checkpoint_the_store_refuses_is_never_committed(s3, store, monkeypatch) -> None:
+    """Writes revoked mid-run: the upload fails naming the store, and the last committed step stays
+    the newest, so the rerun with fixed credentials resumes from it."""
+    root = "student/checkpoints"
+    _save(store, 2)
+    for name, value in s3.env(s3.read_only).items():
+        monkeypatch.setenv(name, value)
+    staging = store.local_path("student/checkpoints/.tmp-4.rank-0")
+    files = _stage_rank(staging, 0)
+    with pytest.raises(StorageError, match="refused") as err:
+        stored.upload(store, staging, f"{root}/{ckpt.step_dir_name(4)}", files)
+    assert f"{store.display}/{root}/step-00000004/" in str(err.value)
+    assert [s for s, _ in stored.committed(store, root)] == [2]
