@@ -74,7 +74,7 @@ class RunDir:
         """Object store: bring this node's mirror up to date (a rerun on another node, or after the
         mirror was lost). Returns the number of files fetched."""
         try:
-            return self.store.pull(exclude=except_checkpoints)
+            return self.store.pull(exclude=except_checkpoints, prune=True)
         except StorageError as exc:
             raise RunDirError(str(exc)) from None
 

@@ -236,24 +236,33 @@ class RunStore:
 
     # -- tree sync ---------------------------------------------------------------------------------
     def pull(self, rel: str = "", exclude: Callable[[str], bool] = default_exclude,
-             only: Optional[Callable[[str], bool]] = None) -> int:
-        """Bring the stored files under `rel` that the mirror lacks (or holds older or of another size);
-        returns how many were downloaded. Paths given to `exclude`/`only` are relative to the run."""
+             only: Optional[Callable[[str], bool]] = None, prune: bool = False) -> int:
+        """Bring the stored files under `rel` that the mirror lacks or holds in an older version; returns
+        how many were downloaded. A mirror file newer than the stored one is kept: it holds this
+        node's changes not stored yet (pushed next). `prune` also deletes mirror files the store does
+        not have (left by an earlier, since redone, attempt), so the mirror reads exactly as the store.
+        Paths given to `exclude`/`only` are relative to the run."""
         if not self.remote:
             return 0
+        entries = self._entries(rel)
         todo = []
-        for full, (size, mtime) in self._entries(rel).items():
+        for full, (size, mtime) in entries.items():
             if exclude(full) or (only is not None and not only(full)):
                 continue
-            path = self.local_path(full)
             try:
-                st = os.stat(path)
-                if st.st_size == size and st.st_mtime >= mtime - 1e-3:
+                st = os.stat(self.local_path(full))
+                current = st.st_size == size and st.st_mtime >= mtime - 1e-3
+                if current or st.st_mtime > mtime + 1e-3:
                     continue
             except FileNotFoundError:
                 pass
             todo.append((full, mtime))
         parallel(lambda item: self.download(*item), todo)
+        if prune and os.path.isdir(self.local_path(rel)):
+            for name in _local_listing(self.local_path(rel)):
+                full = f"{rel}/{name}" if rel else name
+                if full not in entries and not exclude(full) and (only is None or only(full)):
+                    os.unlink(self.local_path(full))
         return len(todo)
 
     def _entries(self, rel: str) -> dict[str, tuple[int, float]]:

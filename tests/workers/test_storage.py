@@ -52,6 +52,14 @@ def test_push_and_pull_move_only_what_changed(store: RunStore) -> None:
     with open(fresh.local_path("stage/data/a.bin"), "rb") as f:
         assert f.read() == b"b" * 999
     assert fresh.pull() == 0
+    # this node's change not stored yet is kept; a file the store no longer has goes with prune
+    _write(fresh.local_path("stage/manifest.json"), b'{"local": "newer"}')
+    _write(fresh.local_path("stage/data/stale.bin"), b"from a redone attempt")
+    assert fresh.pull() == 0 and os.path.exists(fresh.local_path("stage/data/stale.bin"))
+    assert fresh.pull("stage/data", prune=True) == 0
+    assert os.listdir(fresh.local_path("stage/data")) == ["a.bin"]
+    with open(fresh.local_path("stage/manifest.json"), "rb") as f:
+        assert f.read() == b'{"local": "newer"}'
 
 
 def test_a_store_that_refuses_writes_fails_clearly_and_keeps_nothing(s3, store, monkeypatch) -> None:

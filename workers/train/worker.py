@@ -75,7 +75,7 @@ class BaseWorker:
         for path in self.spec.input_paths:
             rel = self.store.rel(path) if path else None
             if rel is not None:
-                self.store.pull(rel)
+                self.store.pull(rel, prune=True)  # no stale shard of a redone stage is read here
 
     def _stage_rel(self) -> str:
         assert self.store is not None
