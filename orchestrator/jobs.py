@@ -130,9 +130,12 @@ def build_submission(recipe_arg: str, overrides: Sequence[str] = (), run_dir: Op
         raise ValueError(f"{key}: {target!r} is relative; on the cluster it would land in the job's temporary "
                          "working directory. Pass an absolute path or URI on storage the cluster shares")
     if target and "://" in target:
-        from workers.storage import RunStore
+        from workers.storage import RunStore, StorageError
 
-        RunStore.open(target)  # a malformed object-store URI fails here, before anything is sent
+        try:
+            RunStore.open(target)  # a malformed object-store URI fails here, before anything is sent
+        except StorageError as exc:
+            raise ValueError(f"{key}: {exc}") from None
     if not target:
         warnings.append("no --run-dir: the job writes under ./runs inside its working directory on the cluster, "
                         "which is temporary; pass --run-dir on shared storage to keep the results")

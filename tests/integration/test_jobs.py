@@ -220,6 +220,8 @@ def test_bad_input_exits_2_before_contacting_the_cluster(monkeypatch, capsys) ->
         assert "--stages" in capsys.readouterr().err
         assert pofa_main(["submit", "tiny", "--run-dir", "runs/x", "--address", url]) == 2
         assert "--run-dir" in capsys.readouterr().err
+        assert pofa_main(["submit", "tiny", "--run-dir", "s3://bucket/runs/../../x", "--address", url]) == 2
+        assert "--run-dir" in capsys.readouterr().err
         assert pofa_main(["submit", "tiny", "--env", "PYTHONPATH=/x", "--address", url]) == 2
         assert "PYTHONPATH" in capsys.readouterr().err
         assert pofa_main(["submit", "tiny", "--address", "ray://head:10001"]) == 2

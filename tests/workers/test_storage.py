@@ -151,3 +151,17 @@ def test_a_checkpoint_the_store_refuses_is_never_committed(s3, store, monkeypatc
         stored.upload(store, staging, f"{root}/{ckpt.step_dir_name(4)}", files)
     assert f"{store.display}/{root}/step-00000004/" in str(err.value)
     assert [s for s, _ in stored.committed(store, root)] == [2]
+
+
+def test_resuming_with_another_worker_count_is_refused_before_training(store) -> None:
+    from types import SimpleNamespace
+
+    from workers.train.preflight import check_checkpoint_world
+
+    _save(store, 2, world=2)
+    spec = SimpleNamespace(store=store, checkpoint_dir=store.local_path("student/checkpoints"),
+                           train=SimpleNamespace(num_workers=1))
+    with pytest.raises(ValueError, match="written by 2 workers.*num_workers=2"):
+        check_checkpoint_world(spec)
+    spec.train.num_workers = 2
+    check_checkpoint_world(spec)
