@@ -11,7 +11,6 @@ both write; each reads the lease back after writing and the one whose token is n
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -44,17 +43,17 @@ class Lease:
         self._thread: Optional[threading.Thread] = None
 
     def _read(self) -> Optional[dict]:
-        import tempfile
-
         if not self.store.exists(LEASE):
             return None
-        with tempfile.TemporaryDirectory() as tmp:
-            path = self.store.download(LEASE, target=os.path.join(tmp, LEASE))
-            try:
-                with open(path) as f:
-                    return json.load(f)
-            except ValueError:
-                return None  # a torn or foreign object: treated as no lease
+        try:
+            lease = self.store.read_json(LEASE)
+        except ValueError:
+            return None  # a foreign object: treated as no lease
+        except StorageError:
+            if not self.store.exists(LEASE):
+                return None  # released between the two requests
+            raise
+        return lease if isinstance(lease, dict) else None
 
     def _write(self) -> None:
         self.store.write_json(LEASE, {"owner": self.owner, "token": self.token, "heartbeat": time.time(),

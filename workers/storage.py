@@ -170,12 +170,13 @@ class RunStore:
         if not self.remote:
             return
         filesystem, _ = self.filesystem()
+        mirrored = source is None
         source = source or self.local_path(rel)
         try:
             with open(source, "rb") as src, filesystem.open_output_stream(self.remote_path(rel)) as dst:
                 shutil.copyfileobj(src, dst, 8 << 20)
-            info = filesystem.get_file_info(self.remote_path(rel))
-            if info.mtime is not None:  # the local copy is now "as new as" the stored one
+            info = filesystem.get_file_info(self.remote_path(rel)) if mirrored else None
+            if info is not None and info.mtime is not None:  # the mirror copy is now "as new as" the stored one
                 stamp = info.mtime.timestamp()
                 os.utime(source, (stamp, stamp))
         except Exception as exc:  # noqa: BLE001
@@ -305,6 +306,16 @@ class RunStore:
         """These mirror files (those that exist) to the store, whether changed or not."""
         if self.remote:
             parallel(self.upload, [r for r in rels if os.path.isfile(self.local_path(r))])
+
+    def read_json(self, rel: str) -> object:
+        """A small JSON object straight from the store (one GET); ValueError when it is not JSON."""
+        filesystem, _ = self.filesystem()
+        try:
+            with filesystem.open_input_stream(self.remote_path(rel)) as f:
+                blob = f.read()
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(f"read {rel}", rel, exc) from exc
+        return json.loads(blob)
 
     def write_json(self, rel: str, payload: object) -> None:
         """A small JSON object straight to the store (one PUT), e.g. a commit marker."""

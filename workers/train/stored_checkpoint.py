@@ -9,11 +9,9 @@ shared files and its own, never the other ranks' optimizer shards).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from typing import Callable, Optional
 
@@ -77,11 +75,10 @@ def prune(store: RunStore, rel_root: str, keep: int) -> None:
 
 
 def read_stored_manifest(store: RunStore, rel_step: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, ckpt.MANIFEST)
-        store.download(f"{rel_step}/{ckpt.MANIFEST}", target=path)
-        with open(path) as f:
-            return json.load(f)
+    manifest = store.read_json(f"{rel_step}/{ckpt.MANIFEST}")
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{ckpt.MANIFEST} is not a JSON object")
+    return manifest
 
 
 def verify_stored(store: RunStore, rel_step: str) -> Optional[str]:
@@ -113,8 +110,6 @@ def fetch(store: RunStore, rel_step: str, rank: int, dest: str) -> Optional[str]
         problem = ckpt.check_file(path)
         if problem:
             return f"{name}: {problem}"
-    with open(os.path.join(dest, ckpt.MANIFEST), "w") as f:
-        json.dump(manifest, f)
     return None
 
 

@@ -59,7 +59,11 @@ class BaseWorker:
             os.makedirs(spec.checkpoint_dir, exist_ok=True)
         self.store: Optional[RunStore] = spec.store if getattr(spec, "store", None) and spec.store.remote else None
         if self.store is not None:
-            self._pull_inputs()
+            # ranks on one node share its mirror: the first downloads, the others wait for it
+            local_rank = ray.train.get_context().get_local_rank() if in_ray else rank
+            if local_rank == 0:
+                self._pull_inputs()
+            barrier()
         self.tracker = SafeTracker(spec.tracker, spec.metrics_path, self.is_rank0)
         self.step, self.cursor = 0, DataCursor()
         self.last_metrics: dict[str, float] = {}
