@@ -23,6 +23,10 @@ class SourceConfig(_Strict):
                      dataset folder saved with `save_to_disk`
       jsonl/parquet  local files with a text column (optional id/title columns); `path` may be a glob
       text           plain text, one document per blank-line separated block
+    sentence_per_line (text only): the BERT pretraining input format, one sentence per line and a blank line
+      between documents; each line is kept as exactly one sentence. Default true for `text`; false = a
+      block's lines are joined and split into sentences by the segmenter (sentencex). Other kinds are always
+      split by the segmenter, so setting it true for them is an error.
     `path` accepts `pkg://<package>/<relative path>` for files shipped inside an installed package.
     """
 
@@ -37,6 +41,14 @@ class SourceConfig(_Strict):
     id_column: Optional[str] = "id"
     title_column: Optional[str] = "title"
     max_documents: Optional[int] = Field(default=None, gt=0)
+    sentence_per_line: Optional[bool] = None  # None: the kind's default (see `splits_lines`)
+
+    @model_validator(mode="after")
+    def _check_sentence_per_line(self) -> "SourceConfig":
+        if self.sentence_per_line and self.kind != "text":
+            raise ValueError(f"sentence_per_line: only the text source reads one sentence per line; kind {self.kind} "
+                             "is always split into sentences by the segmenter")
+        return self
 
     @model_validator(mode="after")
     def _check_location(self) -> "SourceConfig":
@@ -51,6 +63,11 @@ class SourceConfig(_Strict):
         if not self.files():
             raise ValueError(f"path {self.path!r} matches no readable file")
         return self
+
+    @property
+    def splits_lines(self) -> bool:
+        """Whether each line of a document is one sentence (the text kind's default, BERT's format)."""
+        return self.kind == "text" and self.sentence_per_line is not False
 
     def files(self) -> list[str]:
         """The source files in a stable order (a glob expands sorted)."""

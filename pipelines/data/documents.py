@@ -11,7 +11,8 @@ class RawDocument:
     doc_id: str  # stable identity (page id, dataset id, file:line): decides the train/validation split
     title: str
     text: str
-    markup: Literal["wikitext", "plain"]
+    # wikitext: MediaWiki markup; plain: prose for the segmenter; lines: one sentence per "\n"-separated line
+    markup: Literal["wikitext", "plain", "lines"]
 
 
 class SkipCounter(Counter):

@@ -13,3 +13,9 @@ def split_sentences(text: str, language: str = "en") -> list[str]:
             if sentence:
                 out.append(sentence)
     return out
+
+
+def split_lines(text: str) -> list[str]:
+    """Each non-blank line as one sentence (BERT's input format): the author's split is kept as is."""
+    # Only "\n" ends a line, as in the file reader: U+2028, \x0c and the like stay inside their sentence.
+    return [line for line in (raw.strip() for raw in text.split("\n")) if line]

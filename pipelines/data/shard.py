@@ -18,7 +18,7 @@ from pipelines.data.config import PreprocessConfig
 from pipelines.data.documents import RawDocument, SkipCounter
 from pipelines.data.instances import PairSettings, instances_from_document, pack
 from pipelines.data.masking import MaskSettings, mask_instance
-from pipelines.data.sentences import split_sentences
+from pipelines.data.sentences import split_lines, split_sentences
 from pipelines.data.split import is_validation
 from pipelines.data.wikitext import clean_wikitext, is_disambiguation, parse
 
@@ -77,11 +77,16 @@ def clean_document(doc: RawDocument, skipped: SkipCounter) -> str | None:
     except UnicodeEncodeError:  # lone surrogates (e.g. from surrogateescape): the tokenizer cannot take them
         skipped.skip("undecodable")
         return None
-    text = text.replace("\x00", "").strip()
+    text = text.replace("\x00", "").strip()  # the ends only: a "lines" document's sentences are its lines
     if not text:
         skipped.skip("empty")
         return None
     return text
+
+
+def _sentences(doc: RawDocument, text: str, language: str) -> list[str]:
+    # A sentence-per-line source already says where sentences end: the segmenter would merge and re-cut them.
+    return split_lines(text) if doc.markup == "lines" else split_sentences(text, language)
 
 
 def process_shard(docs: Sequence[RawDocument], shard_id: str, cfg: PreprocessConfig, seed: int,
@@ -91,7 +96,7 @@ def process_shard(docs: Sequence[RawDocument], shard_id: str, cfg: PreprocessCon
     for doc in docs:
         text = clean_document(doc, stats.skipped)
         if text is not None:
-            texts.append(split_sentences(text, cfg.language))
+            texts.append(_sentences(doc, text, cfg.language))
             ids.append(doc.doc_id)
     flat = [s for sentences in texts for s in sentences]
     encoded = tokenizer(flat, add_special_tokens=False, return_attention_mask=False,

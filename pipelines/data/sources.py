@@ -150,8 +150,11 @@ def _iter_parquet(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter) -> It
 
 
 def _iter_text(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter) -> Iterator[RawDocument]:
+    """One document per blank-line separated block; with `sentence_per_line` (the default) each of its lines
+    is one sentence, so the block's lines travel newline-joined under markup "lines"."""
     raw, stream = _open(unit.location)
     name = os.path.basename(unit.location)
+    markup = "lines" if cfg.splits_lines else "plain"
     block: list[bytes] = []
     count = 0
 
@@ -163,7 +166,7 @@ def _iter_text(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter) -> Itera
         except UnicodeDecodeError:
             skipped.skip("undecodable")
             return
-        yield RawDocument(f"{name}:{count}", "", text, "plain")
+        yield RawDocument(f"{name}:{count}", "", text, markup)
 
     try:
         for line in stream:

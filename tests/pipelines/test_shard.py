@@ -1,7 +1,8 @@
 """One shard end to end in pure Python: cleaning, split, instances, stats; odd input counted, never fatal."""
 from pipelines.data.config import PreprocessConfig
-from pipelines.data.documents import RawDocument
+from pipelines.data.documents import RawDocument, SkipCounter
 from pipelines.data.shard import process_shard
+from pipelines.data.sources import iter_documents, read_units
 from pipelines.data.tokenizer import train_wordpiece
 
 ENGLISH = [f"Topic {i} is described here. It has several sentences about {i}. The third says more about it."
@@ -31,3 +32,47 @@ def test_shard_statistics_and_counted_skips(tmp_path):
     assert again["train"].equals(tables["train"])  # seeded by shard id: the same wherever it runs
     other, _ = process_shard(docs, "00000-000001", _cfg(masking="static"), 42, tok)
     assert not other["train"].equals(tables["train"])
+
+
+# BERT's pretraining input: one sentence per line, a blank line between documents. "It rained. We stayed in."
+# is one line, so one sentence; a line the segmenter would re-cut or merge must stay as its author split it.
+BERT_DOCUMENTS = [
+    ["The old mill stood by the river for two hundred years.", "It rained. We stayed in.",
+     "Farmers brought their grain to the mill every autumn."],
+    ["A small harbour lies at the end of the valley road.", "Fishing boats leave before dawn each day.",
+     "Mr. Brown has kept the lighthouse since he was young.", "Visitors often climb the cliff path at sunset."],
+    ["Winter in the mountains is long and very cold.", "Snow closes the pass for several months.",
+     "The village school stays open all the same."],
+]
+
+
+def _bert_file(tmp_path) -> str:
+    # Blank, whitespace-only and repeated separator lines, CRLF endings and no final newline: all seen in dumps.
+    blocks = ["\n".join(BERT_DOCUMENTS[0]), "\r\n".join(BERT_DOCUMENTS[1]), "\n".join(BERT_DOCUMENTS[2])]
+    path = tmp_path / "bert.txt"
+    path.write_bytes(("\n\n" + blocks[0] + "\n \n\n" + blocks[1] + "\r\n\r\n" + blocks[2]).encode())
+    return str(path)
+
+
+def _text_shard(tmp_path, **source):
+    path = _bert_file(tmp_path)
+    cfg = _cfg(source={"kind": "text", "path": path, **source}, validation_fraction=0.0)
+    skipped = SkipCounter()
+    docs = [d for u in read_units(cfg.source) for d in iter_documents(cfg.source, u, skipped)]
+    tok = train_wordpiece(ENGLISH + [s for doc in BERT_DOCUMENTS for s in doc], 400, True, str(tmp_path / "tok"), 64)
+    _, stats = process_shard(docs, "00000-000000", cfg, 42, tok)
+    return docs, stats
+
+
+def test_text_source_keeps_each_line_as_one_sentence(tmp_path):
+    docs, stats = _text_shard(tmp_path)
+    assert [d.markup for d in docs] == ["lines"] * 3
+    assert stats.skipped == {} and stats.documents["train"] == 3
+    assert stats.sentences == sum(map(len, BERT_DOCUMENTS))  # 10 lines, 10 sentences
+    assert stats.instances["train"] > 0
+
+
+def test_text_source_sentence_per_line_false_uses_the_segmenter(tmp_path):
+    docs, stats = _text_shard(tmp_path, sentence_per_line=False)
+    assert [d.markup for d in docs] == ["plain"] * 3
+    assert stats.sentences == sum(map(len, BERT_DOCUMENTS)) + 1  # "It rained. We stayed in." is two sentences

@@ -4,8 +4,11 @@ import json
 
 import pytest
 
-from pipelines.data.config import SourceConfig
+from pydantic import ValidationError
+
+from pipelines.data.config import PreprocessConfig, SourceConfig
 from pipelines.data.documents import SkipCounter, SourceError
+from pipelines.data.sentences import split_lines
 from pipelines.data.shard import clean_document
 from pipelines.data.sources import iter_documents, read_units
 from pipelines.data.wikitext import clean_wikitext, is_disambiguation, parse
@@ -96,6 +99,29 @@ def test_text_blocks_and_parquet(tmp_path):
     (tmp_path / "a.txt").write_text("First doc line one.\nline two.\n\n\nSecond doc.\n")
     docs, _ = _docs(SourceConfig(kind="text", path=str(tmp_path / "*.txt")))
     assert [d.text.strip() for d in docs] == ["First doc line one.\nline two.", "Second doc."]
+    assert [d.markup for d in docs] == ["lines", "lines"]  # BERT format by default: each line one sentence
     pq.write_table(pa.table({"text": ["x y z", "p q"], "title": ["X", "P"]}), tmp_path / "d.parquet")
     docs, _ = _docs(SourceConfig(kind="parquet", path=str(tmp_path / "d.parquet"), id_column=None))
     assert [(d.doc_id, d.title) for d in docs] == [("d.parquet:1", "X"), ("d.parquet:2", "P")]
+
+
+def test_sentence_per_line_defaults_and_is_text_only(tmp_path):
+    (tmp_path / "a.txt").write_text("One line.\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "a", "text": "Some text."}) + "\n")
+    text, jsonl = str(tmp_path / "a.txt"), str(tmp_path / "d.jsonl")
+    assert SourceConfig(kind="text", path=text).splits_lines
+    assert not SourceConfig(kind="text", path=text, sentence_per_line=False).splits_lines
+    assert not SourceConfig(kind="jsonl", path=jsonl).splits_lines
+    assert not SourceConfig(kind="jsonl", path=jsonl, sentence_per_line=False).splits_lines  # says what it does
+    with pytest.raises(ValidationError, match="sentence_per_line: only the text source"):
+        PreprocessConfig.model_validate({"source": {"kind": "jsonl", "path": jsonl, "sentence_per_line": True}})
+
+
+def test_lines_document_keeps_its_line_breaks_through_cleaning(tmp_path):
+    text = "  First line.\x00\r\nIt rained. We stayed in.\r\nLast\u2028line.\n\t\nNext doc.\n"
+    (tmp_path / "a.txt").write_bytes(text.encode())
+    docs, skipped = _docs(SourceConfig(kind="text", path=str(tmp_path / "a.txt")))
+    assert len(docs) == 2  # a whitespace-only line separates documents too
+    cleaned = clean_document(docs[0], skipped)
+    # Only "\n" ends a line, as in the reader: U+2028 stays inside its sentence.
+    assert split_lines(cleaned) == ["First line.", "It rained. We stayed in.", "Last\u2028line."]
