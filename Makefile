@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench-preprocess bench-sparsity bench-train clean
+.PHONY: install demo test test-fast bench-preprocess bench-sparsity bench-train clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tier for the inner loop: no Ray, DeepSpeed or server starts (about a minute on 2 cores).
+test-fast: install
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 bench-preprocess: install
 	$(PY) tests/bench/bench_preprocess.py

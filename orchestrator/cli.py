@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 from orchestrator.jobs_cli import JOB_COMMANDS, add_job_commands, run_job_command
 from orchestrator.recipe.load import RecipeError, builtin_recipes, dump_recipe, load_recipe
 from orchestrator.rundir import RunDirError, choose_run_dir
+from workers.run_layout import RunLayout
+from workers.stage_outputs import StageManifest
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "validate":
             print(dump_recipe(recipe), end="")
             return 0
-        from orchestrator.pipeline import run_pipeline, select_stages
+        from orchestrator.job_graph import run_pipeline, select_stages
 
         stages = select_stages(recipe, args.stages.split(",") if args.stages else None)
         run_dir = choose_run_dir(recipe, args.run_dir)
@@ -67,32 +69,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
-def _summary(manifests: dict[str, dict], run_dir: str) -> None:
+def _summary(manifests: dict[str, StageManifest], run_dir: str) -> None:
     """One screen at the end: data, teacher vs student, sparsity, time per stage, where to look."""
     def fmt(v: object) -> str:
         return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
-    pre = manifests.get("preprocess", {}).get("stats")
+    pre = manifests["preprocess"].stats if "preprocess" in manifests else None
     print("\n== pofa summary ==")
     if pre:
         print(f"data      {pre['documents_train']} train / {pre['documents_validation']} validation documents, "
               f"{pre['instances_train']} / {pre['instances_validation']} instances, {pre['tokens']} tokens")
-    rows = [(s, manifests[s]["stats"]) for s in ("teacher", "student") if s in manifests]
+    rows = [(s, manifests[s].stats) for s in ("teacher", "student") if s in manifests]
     if rows:
         print(f"{'model':9s} {'val/mlm_acc':>11s} {'val/nsp_acc':>11s} {'val/loss':>9s} {'sparsity':>9s} {'steps':>6s}")
         for name, st in rows:
             print(f"{name:9s} {fmt(st.get('val/mlm_acc')):>11s} {fmt(st.get('val/nsp_acc')):>11s} "
                   f"{fmt(st.get('val/loss')):>9s} {fmt(st.get('sparsity/global')):>9s} {fmt(st.get('final_step')):>6s}")
-    times = ", ".join(f"{s} {m.get('wall_time_s', 0):.0f}s" for s, m in manifests.items() if m.get("wall_time_s"))
+    times = ", ".join(f"{s} {m.wall_time_s:.0f}s" for s, m in manifests.items() if m.wall_time_s)
     if times:
         print(f"time      {times} (this run's work; skipped stages show their original time)")
-    if "://" in run_dir:  # an object store: the report is in the bucket (and this node's mirror)
-        if "report" in manifests:
-            print(f"report    {run_dir.split('?')[0].rstrip('/')}/report/README.md")
-        return
-    report = os.path.join(run_dir, "report", "README.md")
-    if os.path.exists(report):
-        print(f"report    {report}")
+    if "report" in manifests:
+        layout = RunLayout.open(run_dir)
+        print(f"report    {layout.location_uri(layout.report) if layout.store.remote else layout.report}")
 
 
 if __name__ == "__main__":

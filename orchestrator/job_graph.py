@@ -12,14 +12,16 @@ import shutil
 import time
 from typing import Callable, Iterable, Optional
 
-from orchestrator.manifest import MANIFEST, fingerprint, read_manifest, why_stale, write_manifest
+from orchestrator.manifest import fingerprint, why_stale, write_stage_manifest
 from orchestrator.recipe.schema import Recipe
-from orchestrator.tracking import TrackingSession, flatten_params
 from orchestrator.rundir import RunDir, RunDirError
 from orchestrator.stages import ORDER, STAGES, StageContext
+from orchestrator.tracking import TrackingSession, flatten_params
 from pipelines.atomic import write_json_atomic
+from pipelines.sparsity.report import report_paths
+from workers.run_layout import RunLayout
+from workers.stage_outputs import StageManifest, load_manifest
 
-ATTEMPT = "attempt.json"
 
 
 def select_stages(recipe: Recipe, requested: Optional[Iterable[str]]) -> list[str]:
@@ -31,12 +33,13 @@ def select_stages(recipe: Recipe, requested: Optional[Iterable[str]]) -> list[st
 
 
 def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] = None, force: bool = False,
-                 console: Callable[[str], None] = print) -> dict[str, dict]:
+                 console: Callable[[str], None] = print) -> dict[str, StageManifest]:
     """Run the selected stages in order; returns stage -> manifest."""
     selected = select_stages(recipe, stages)
     rd = RunDir(run_dir)
+    layout = rd.layout
     rd.acquire(console)
-    manifests: dict[str, dict] = {}
+    manifests: dict[str, StageManifest] = {}
     connected = False
     tracking = None
     try:
@@ -47,21 +50,19 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
         rd.check_recipe(recipe, force)
         tracking = open_tracking(recipe, rd)  # before any cluster work: an unreachable server fails here
         rd.write_recipe(recipe)
-        tracking.log_artifact(os.path.join(rd.path, "recipe.yaml"))
+        tracking.log_artifact(layout.recipe)
         for name in selected:
             stage = STAGES[name]
-            ctx = StageContext(recipe, rd, rd.stage_dir(name))
+            ctx = StageContext(recipe, rd)
             config, inputs = stage.config(recipe), stage.inputs(ctx)
             fp = fingerprint({"stage": name, "config": config, "inputs": inputs})
-            reason = "--force" if force else why_stale(ctx.stage_dir, fp)
+            reason = "--force" if force else why_stale(layout, name, fp)
             if reason is None:
                 console(f"[{name}] up to date (manifest matches): skipped")
-                manifests[name] = read_manifest(ctx.stage_dir) or {}
+                manifests[name] = load_manifest(layout, name)  # type: ignore[assignment]
                 continue
-            resumed = _prepare_attempt(ctx.stage_dir, fp, clean=force)
-            if not resumed:
-                rd.clear_remote(name)
-            rd.sync_up(name)  # the attempt record: a rerun elsewhere continues this attempt
+            resumed = _prepare_attempt(layout, name, fp, clean=force)
+            rd.sync_up(layout.stage_dir(name))  # the attempt record: a rerun elsewhere continues this attempt
             console(f"[{name}] running ({reason})")
             if not connected and getattr(stage, "needs_ray", True):
                 from orchestrator.ray_runtime import connect
@@ -79,11 +80,11 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             except BaseException as exc:
                 tracking.end_stage(name, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
                 raise
-            manifests[name] = write_manifest(ctx.stage_dir, name, fp, inputs, config, result.stats, result.outputs,
-                                             started)
+            manifests[name] = write_stage_manifest(layout, name, fp, inputs, config, result.stats, result.outputs,
+                                                   result.output, started)
             rd.sync_up()  # the stage's outputs, then its manifest; recipe and tracking store with them
-            record_stage(tracking, name, manifests[name], ctx.stage_dir, result.model_dir, console)
-            console(f"[{name}] done in {manifests[name]['wall_time_s']:.1f}s")
+            record_stage(tracking, name, manifests[name], layout, result.model_dir, console)
+            console(f"[{name}] done in {manifests[name].wall_time_s:.1f}s")
         tracking.finish("FINISHED")
         rd.sync_up()
         view = tracking.how_to_view()
@@ -106,29 +107,28 @@ def open_tracking(recipe: Recipe, rd: RunDir) -> TrackingSession:
     """The run directory's MLflow parent run (reused on every rerun). The full recipe becomes its params the
     first time; a rerun with changed values records them on the stage runs it redoes instead, since
     MLflow params cannot change."""
-    first = not os.path.exists(os.path.join(rd.path, "tracking.json"))
-    return TrackingSession.open(recipe.tracking, rd.path, recipe=recipe.model_dump(mode="json") if first else None,
-                                run_name=os.path.basename(rd.path),
-                                remote_run_dir=rd.where if rd.store.remote else None)
+    first = not os.path.exists(rd.layout.tracking_registry)
+    return TrackingSession.open(recipe.tracking, rd.layout, recipe=recipe.model_dump(mode="json") if first else None,
+                                run_name=os.path.basename(rd.path))
 
 
-def record_stage(tracking: TrackingSession, name: str, manifest: dict, stage_dir: str, model_dir: Optional[str],
-                 console: Callable[[str], None]) -> None:
+def record_stage(tracking: TrackingSession, name: str, manifest: StageManifest, layout: RunLayout,
+                 model_dir: Optional[str], console: Callable[[str], None]) -> None:
     """The manifest's statistics as metrics; manifest, sparsity report, plots and model as artifacts.
 
     Tracking problems after a stage finished only warn: the stage's outputs are safe on disk, and a
     multi-day run must not fail over a plot."""
     if name in ("preprocess", "finetune"):  # training stages log their metrics step by step as they run
-        numeric = {k: float(v) for k, v in flatten_params(manifest["stats"]).items() if _is_number(v)}
+        numeric = {k: float(v) for k, v in flatten_params(manifest.stats).items() if _is_number(v)}
         tracking.log_metrics(numeric, step=0, key=name)
-    tracking.log_artifact(os.path.join(stage_dir, MANIFEST), key=name)
+    tracking.log_artifact(layout.manifest(name), key=name)
     if model_dir:
-        for report in ("sparsity.json", "sparsity.png"):
-            if os.path.exists(os.path.join(model_dir, report)):
-                tracking.log_artifact(os.path.join(model_dir, report), "sparsity", key=name)
+        for report in report_paths(model_dir):
+            if report.exists():
+                tracking.log_artifact(str(report), "sparsity", key=name)
         try:
             tracking.flush()
-            tracking.log_stage_plots(name, os.path.join(stage_dir, "plots"))
+            tracking.log_stage_plots(name, layout.plots(name))
             tracking.log_model(model_dir, key=name, name=f"{name}-model")
         except Exception as exc:  # noqa: BLE001 - see docstring
             console(f"[{name}] warning: could not record plots/model in MLflow: {exc}")
@@ -143,20 +143,21 @@ def _is_number(v: object) -> bool:
         return False
 
 
-def _prepare_attempt(stage_dir: str, fp: str, clean: bool) -> bool:
+def _prepare_attempt(layout: RunLayout, stage: str, fp: str, clean: bool) -> bool:
     """Keep an interrupted attempt's partial work only if it was made with the same fingerprint.
     Returns whether an earlier attempt is being continued."""
-    attempt = os.path.join(stage_dir, ATTEMPT)
+    attempt = layout.attempt(stage)
     previous = None
     if os.path.exists(attempt):
         with open(attempt) as f:
             previous = json.load(f).get("fingerprint")
     resumed = not clean and previous == fp
+    stage_dir = layout.stage_dir(stage)
     if not resumed:
         shutil.rmtree(stage_dir, ignore_errors=True)
+        layout.delete_stored(stage_dir)  # its stored outputs and checkpoints too
     os.makedirs(stage_dir, exist_ok=True)
-    manifest = os.path.join(stage_dir, MANIFEST)
-    if os.path.exists(manifest):
-        os.unlink(manifest)  # an unfinished stage must never look finished
+    if os.path.exists(layout.manifest(stage)):
+        os.unlink(layout.manifest(stage))  # an unfinished stage must never look finished
     write_json_atomic({"fingerprint": fp, "started": time.time()}, attempt)
     return resumed

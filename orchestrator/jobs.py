@@ -118,7 +118,7 @@ def build_submission(recipe_arg: str, overrides: Sequence[str] = (), run_dir: Op
                      root: Optional[str] = None) -> Submission:
     """Validate the recipe, stages and run dir locally (RecipeError/ValueError: exit 2, nothing contacted),
     then describe the job."""
-    from orchestrator.pipeline import select_stages
+    from orchestrator.job_graph import select_stages
     from orchestrator.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_arg, overrides)

@@ -1,7 +1,8 @@
-"""Stage manifests: what a stage made, from what, and how to tell that it is still valid.
+"""Stage fingerprints, and how to tell that a finished stage is still valid.
 
-A stage is complete only when `<run>/<stage>/manifest.json` exists, its fingerprint equals the one the
-current recipe and inputs give, and every output file listed is present with the recorded hash.
+A stage is complete only when `<run>/<stage>/manifest.json` exists (`workers.stage_outputs`), its
+fingerprint equals the one the current recipe and inputs give, and every output file listed is
+present with the recorded hash.
 """
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import os
 import time
 from typing import Any, Optional
 
-from pipelines.atomic import file_sha256, write_json_atomic
+from pydantic import BaseModel
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1  # bump when a stage's output format changes: old outputs are then redone
+from pipelines.atomic import file_sha256
+from workers.run_layout import RunLayout
+from workers.stage_outputs import MANIFEST_FORMAT, ManifestError, StageManifest, load_manifest, write_manifest
+
+FORMAT_VERSION = 1  # bump when a stage's outputs change meaning: old outputs are then redone
 
 
 def fingerprint(obj: Any) -> str:
@@ -22,23 +26,28 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def read_manifest(stage_dir: str) -> Optional[dict[str, Any]]:
+def stage_fingerprint(layout: RunLayout, stage: str) -> Optional[str]:
+    """The fingerprint a finished stage recorded (None: not finished, or unreadable): a downstream
+    stage's inputs, so redoing one makes those after it stale."""
     try:
-        with open(os.path.join(stage_dir, MANIFEST)) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+        manifest = load_manifest(layout, stage)
+    except ManifestError:
         return None
+    return manifest.fingerprint if manifest else None
 
 
-def why_stale(stage_dir: str, expected_fingerprint: str) -> Optional[str]:
+def why_stale(layout: RunLayout, stage: str, expected_fingerprint: str) -> Optional[str]:
     """None when the stage's outputs are complete and current, else the reason to redo it."""
-    manifest = read_manifest(stage_dir)
+    try:
+        manifest = load_manifest(layout, stage)
+    except ManifestError as exc:
+        return f"its manifest cannot be used ({str(exc).split('; redo')[0]})"
     if manifest is None:
         return "no manifest"
-    if manifest.get("fingerprint") != expected_fingerprint:
+    if manifest.fingerprint != expected_fingerprint:
         return "its recipe section or inputs changed"
-    for rel, digest in manifest.get("outputs", {}).items():
-        path = os.path.join(stage_dir, rel)
+    for rel, digest in manifest.outputs.items():
+        path = layout.path(stage, rel)
         if not os.path.isfile(path):
             return f"output {rel} is missing"
         if file_sha256(path) != digest:
@@ -46,22 +55,15 @@ def why_stale(stage_dir: str, expected_fingerprint: str) -> Optional[str]:
     return None
 
 
-def write_manifest(stage_dir: str, stage: str, fp: str, inputs: dict[str, Any], config: dict[str, Any],
-                   stats: dict[str, Any], outputs: dict[str, str], started: float) -> dict[str, Any]:
+def write_stage_manifest(layout: RunLayout, stage: str, fp: str, inputs: dict[str, Any], config: dict[str, Any],
+                         stats: dict[str, Any], outputs: dict[str, str], output: BaseModel,
+                         started: float) -> StageManifest:
     from orchestrator import __version__
 
-    manifest = {
-        "stage": stage,
-        "status": "complete",
-        "fingerprint": fp,
-        "inputs": inputs,
-        "config": config,
-        "stats": {**stats, "fingerprint": fp},
-        "outputs": dict(sorted(outputs.items())),
-        "started": started,
-        "finished": time.time(),
-        "wall_time_s": round(time.time() - started, 3),
-        "pofa_version": __version__,
-    }
-    write_json_atomic(manifest, os.path.join(stage_dir, MANIFEST))
+    finished = time.time()
+    manifest = StageManifest(format=MANIFEST_FORMAT, stage=stage, status="complete", fingerprint=fp, inputs=inputs,
+                             config=config, stats={**stats, "fingerprint": fp}, outputs=dict(sorted(outputs.items())),
+                             output=output.model_dump(mode="json"), started=started, finished=finished,
+                             wall_time_s=round(finished - started, 3), pofa_version=__version__)
+    write_manifest(layout, manifest)
     return manifest

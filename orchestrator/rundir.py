@@ -1,11 +1,8 @@
 """The run directory: one folder per run holding everything needed to resume it.
 
-Layout: recipe.yaml (resolved), <stage>/ with the stage's outputs and manifest.json, .lock while a
-pofa process works in it. Paths handed out are always inside the run directory.
-
-A local or shared-filesystem path is used as is. An object store URI (`s3://bucket/prefix`) is the
-durable copy, and the process works on this node's mirror of it (`workers.storage.RunStore`):
-`path` is then the mirror, `where` the URI.
+Its paths are `workers.run_layout.RunLayout`'s. A local or shared-filesystem path is used as is. An
+object store URI (`s3://bucket/prefix`) is the durable copy, and the process works on this node's
+mirror of it: `path` is then the mirror, `where` the URI.
 """
 from __future__ import annotations
 
@@ -17,7 +14,8 @@ from typing import IO, Any, Callable, Optional
 import yaml
 
 from pipelines.atomic import write_text_atomic
-from workers.storage import RunStore, StorageError, except_checkpoints, is_uri
+from workers.run_layout import RunLayout
+from workers.storage import StorageError, is_uri
 from orchestrator.recipe.load import dump_recipe
 from orchestrator.recipe.schema import Recipe
 
@@ -41,7 +39,7 @@ def choose_run_dir(recipe: Recipe, explicit: Optional[str], root: str = DEFAULT_
         mine = dump_recipe(recipe)
         for entry in sorted(os.listdir(root), reverse=True):
             path = os.path.join(root, entry)
-            if entry.startswith(recipe.name + "-") and _read(os.path.join(path, "recipe.yaml")) == mine:
+            if entry.startswith(recipe.name + "-") and _read(RunLayout.open(path).recipe) == mine:
                 return path
     base = os.path.join(root, f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     path, n = base, 1
@@ -60,54 +58,45 @@ def _read(path: str) -> Optional[str]:
 
 
 class RunDir:
+    """The run directory seen by the driver: its layout (every path), the lock or lease that keeps a
+    second pofa process out, and the syncs with the store at run start and stage ends."""
+
     def __init__(self, path: str):
         try:
-            self.store = RunStore.open(path)
+            self.layout = RunLayout.open(path)
         except StorageError as exc:  # a malformed URI
             raise RunDirError(str(exc)) from None
-        self.path = self.store.local
-        self.where = self.store.display
+        self.store = self.layout.store
+        self.path = self.layout.root
+        self.where = self.layout.where
         self._lock: Optional[IO[str]] = None
         self._lease: Any = None  # orchestrator.lease.Lease while held (object stores)
 
     def sync_down(self) -> int:
-        """Object store: bring this node's mirror up to date (a rerun on another node, or after the
-        mirror was lost). Returns the number of files fetched."""
+        """Bring this node's copy up to date with the store (a rerun on another node, or after the
+        copy was lost); prunes files the store no longer has. Returns the number of files fetched."""
         try:
-            return self.store.pull(exclude=except_checkpoints, prune=True)
+            return self.layout.pull(self.path, prune=True)
         except StorageError as exc:
             raise RunDirError(str(exc)) from None
 
-    def sync_up(self, rel: str = "") -> int:
-        """The mirror's new or changed files under `rel` to the store, manifests last."""
+    def sync_up(self, path: Optional[str] = None) -> int:
+        """This node's new or changed files under `path` (default: the whole run) to the store,
+        manifests last."""
         try:
-            return self.store.push(rel, exclude=except_checkpoints)
+            return self.layout.push(path)
         except StorageError as exc:
             raise RunDirError(str(exc)) from None
-
-    def clear_remote(self, rel: str) -> None:
-        """A stage redone from scratch: its stored outputs and checkpoints go too."""
-        try:
-            self.store.delete(rel)
-        except StorageError as exc:
-            raise RunDirError(str(exc)) from None
-
-    def inside(self, *parts: str) -> str:
-        """A path inside the run directory; anything that would resolve outside it is refused."""
-        target = os.path.realpath(os.path.join(self.path, *parts))
-        if os.path.commonpath([target, os.path.realpath(self.path)]) != os.path.realpath(self.path):
-            raise RunDirError(f"{os.path.join(*parts)!r} resolves outside the run directory {self.path}")
-        return target
 
     def stage_dir(self, stage: str) -> str:
-        return self.inside(stage)
+        return self.layout.stage_dir(stage)
 
     def acquire(self, console: Callable[[str], None] = print) -> None:
         """One pofa process per run directory: a second one stops here instead of corrupting the first.
         On an object store also: the store must take writes (checked before any cluster work), and
         a lease keeps processes on other machines out."""
         self._lock_local()
-        if not self.store.remote:
+        if not self.store.remote:  # a local or shared filesystem: the file lock is the guard
             return
         from orchestrator.lease import Lease, LeaseHeld
 
@@ -122,7 +111,7 @@ class RunDir:
 
     def _lock_local(self) -> None:
         os.makedirs(self.path, exist_ok=True)
-        f = open(os.path.join(self.path, ".lock"), "a+")
+        f = open(self.layout.lock, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -148,7 +137,7 @@ class RunDir:
 
     def check_recipe(self, recipe: Recipe, force: bool) -> None:
         """A run directory belongs to one recipe (by name): refuse another unless --force."""
-        existing = _read(os.path.join(self.path, "recipe.yaml"))
+        existing = _read(self.layout.recipe)
         if existing is None or force:
             return
         previous = (yaml.safe_load(existing) or {}).get("name")
@@ -157,4 +146,4 @@ class RunDir:
                               "use a new --run-dir, or --force to redo it with this recipe")
 
     def write_recipe(self, recipe: Recipe) -> None:
-        write_text_atomic(dump_recipe(recipe), os.path.join(self.path, "recipe.yaml"))
+        write_text_atomic(dump_recipe(recipe), self.layout.recipe)

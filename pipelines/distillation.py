@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from pipelines.data.collator import IGNORE_INDEX
 from pipelines.models.heads import mlm_logits, nsp_logits
-
-IGNORE_INDEX = -100
 
 
 class DistillationConfig(BaseModel):

@@ -11,6 +11,16 @@ GENSIM_WIKI = "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p00
 GENSIM_POLARITY = "pkg://gensim/test/test_data/pang_lee_polarity.cor"
 
 
+# Fixtures that start real services: a test using one is in the integration tier whatever its module says.
+_SERVICE_FIXTURES = {"ray_local", "s3"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray instance shared by the integration tests (starting one costs seconds)."""

@@ -142,20 +142,13 @@ class DeepSpeedMaskEnforcer:
         if p.data.numel() == p.ds_numel:
             # persistent (small) parameters stay gathered between steps: mask the full copy too
             p.data.mul_(full.to(p.dtype).reshape(p.data.shape))
-        hp = safe_get_local_fp32_param(p)
-        if hp is not None:
-            safe_set_local_fp32_param(p, hp * keep.to(hp.device, hp.dtype))
-        for key in keys:
-            st = safe_get_local_optimizer_state(p, key)
-            safe_set_local_optimizer_state(p, st * keep.to(st.device, st.dtype), key)
+        _mask_fp32_and_moments(p, keep, keys, (safe_get_local_fp32_param, safe_set_local_fp32_param),
+                               (safe_get_local_optimizer_state, safe_set_local_optimizer_state))
 
     def _enforce_master(self, p: torch.nn.Parameter, keep: Tensor, keys: tuple[str, ...]) -> None:
         p.data.mul_(keep.to(p.dtype))
-        hp = safe_get_full_fp32_param(p)
-        safe_set_full_fp32_param(p, hp * keep.to(hp.device, hp.dtype))
-        for key in keys:
-            st = safe_get_full_optimizer_state(p, key)
-            safe_set_full_optimizer_state(p, st * keep.to(st.device, st.dtype), key)
+        _mask_fp32_and_moments(p, keep, keys, (safe_get_full_fp32_param, safe_set_full_fp32_param),
+                               (safe_get_full_optimizer_state, safe_set_full_optimizer_state))
 
     def _enforce_plain(self, p: torch.nn.Parameter, keep: Tensor, keys: tuple[str, ...]) -> None:
         p.data.mul_(keep.to(p.dtype))
@@ -164,3 +157,16 @@ class DeepSpeedMaskEnforcer:
             t = state.get(key)
             if isinstance(t, Tensor) and t.shape == p.shape:
                 t.mul_(keep.to(t.dtype))
+
+
+def _mask_fp32_and_moments(p: torch.nn.Parameter, keep: Tensor, keys: tuple[str, ...], fp32: tuple, moments: tuple) -> None:
+    """Zero the pruned entries of DeepSpeed's fp32 master copy and of each optimizer state, through its
+    public (get, set) accessors: the full ones under ZeRO 1/2, the local partitions under ZeRO 3."""
+    get_fp32, set_fp32 = fp32
+    hp = get_fp32(p)
+    if hp is not None:
+        set_fp32(p, hp * keep.to(hp.device, hp.dtype))
+    get_state, set_state = moments
+    for key in keys:
+        st = get_state(p, key)
+        set_state(p, st * keep.to(st.device, st.dtype), key)

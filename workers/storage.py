@@ -9,7 +9,9 @@ I/O, and the store is the durable copy that any node resumes from:
 - each file is downloaded to a temporary name and renamed, so processes sharing a mirror never read
   half a file.
 
-For a local or shared-filesystem path, the mirror *is* the run directory and every sync is a no-op.
+For a local or shared-filesystem path, the mirror *is* the run directory: every sync is a no-op,
+`publish` is a rename and `fetch` reads in place. This module is the only place that tells the two
+apart; everything else calls the same operations whatever the backend.
 Credentials come from the environment (AWS_* variables, the node's role), never from the URI.
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 from urllib.parse import urlsplit, urlunsplit
+
+from pipelines.atomic import write_json_atomic
 
 MIRROR_ENV = "POFA_MIRROR_DIR"
 DEFAULT_MIRROR = "/tmp/pofa-mirror"
@@ -122,6 +126,13 @@ class RunStore:
         filesystem, base = _filesystems[key]
         return filesystem, base.rstrip("/")
 
+    def storage_target(self, rel: str) -> tuple[Optional[object], str]:
+        """(filesystem, path) for a library that writes `rel` itself (Ray Train's run state): the local
+        path with no filesystem on local disk, the store's filesystem and path otherwise."""
+        if not self.remote:
+            return None, self.local_path(rel)
+        return self.filesystem()[0], self.remote_path(rel)
+
     def remote_path(self, rel: str) -> str:
         _, base = self.filesystem()
         return f"{base}/{rel}" if rel else base
@@ -161,6 +172,15 @@ class RunStore:
         filesystem, _ = self.filesystem()
         try:
             return filesystem.get_file_info(self.remote_path(rel)).type != fs.FileType.NotFound
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail("look up", rel, exc) from exc
+
+    def _is_file(self, rel: str) -> bool:
+        from pyarrow import fs
+
+        filesystem, _ = self.filesystem()
+        try:
+            return filesystem.get_file_info(self.remote_path(rel)).type == fs.FileType.File
         except Exception as exc:  # noqa: BLE001
             raise self._fail("look up", rel, exc) from exc
 
@@ -207,21 +227,40 @@ class RunStore:
         """A file or a whole folder in the store (commit markers first: a half-deleted folder never
         looks complete)."""
         if not self.remote:
+            _delete_local(self.local_path(rel))
             return
         filesystem, _ = self.filesystem()
         names = sorted(self.listing(rel), key=lambda n: os.path.basename(n) not in MARKERS)
         try:
-            if not names and self.exists(rel):
+            if not names and self._is_file(rel):  # a lone object (a folder with nothing in it needs nothing)
                 filesystem.delete_file(self.remote_path(rel))
             for name in names:
                 filesystem.delete_file(self.remote_path(f"{rel}/{name}" if rel else name))
         except Exception as exc:  # noqa: BLE001
             raise self._fail(f"delete {rel}", rel, exc) from exc
 
+    def move(self, rel: str, new_rel: str) -> None:
+        """A file or folder renamed within the store: a rename on local disk; a server-side copy, then
+        delete, per object in an object store (no bytes through this node; not atomic, so callers
+        un-commit first)."""
+        if not self.remote:
+            target = self.local_path(new_rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(self.local_path(rel), target)
+            return
+        filesystem, _ = self.filesystem()
+        names = self.listing(rel)
+        try:
+            for name in names:
+                filesystem.move(self.remote_path(f"{rel}/{name}"), self.remote_path(f"{new_rel}/{name}"))
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(f"move {rel} to {new_rel}", rel, exc) from exc
+
     def check_writable(self) -> None:
         """Write, read back and delete a small object: a store that refuses writes fails here, before
         any cluster work, instead of at the first checkpoint hours later."""
         if not self.remote:
+            _check_local_writable(self.local)
             return
         filesystem, _ = self.filesystem()
         rel = f".pofa-write-check-{uuid.uuid4().hex[:12]}"
@@ -309,6 +348,9 @@ class RunStore:
 
     def read_json(self, rel: str) -> object:
         """A small JSON object straight from the store (one GET); ValueError when it is not JSON."""
+        if not self.remote:
+            with open(self.local_path(rel), "rb") as f:
+                return json.loads(f.read())
         filesystem, _ = self.filesystem()
         try:
             with filesystem.open_input_stream(self.remote_path(rel)) as f:
@@ -318,8 +360,10 @@ class RunStore:
         return json.loads(blob)
 
     def write_json(self, rel: str, payload: object) -> None:
-        """A small JSON object straight to the store (one PUT), e.g. a commit marker."""
+        """A small JSON object straight to the store (one PUT; locally an atomic write), e.g. a commit
+        marker."""
         if not self.remote:
+            write_json_atomic(payload, self.local_path(rel))
             return
         filesystem, _ = self.filesystem()
         try:
@@ -327,6 +371,55 @@ class RunStore:
                 f.write(json.dumps(payload, indent=1).encode())
         except Exception as exc:  # noqa: BLE001
             raise self._fail(f"write {rel}", rel, exc) from exc
+
+
+    # -- files staged on this node -----------------------------------------------------------------
+    def publish(self, source: str, rel: str) -> None:
+        """A finished local file (staged outside its final place) becomes `rel` in the store: a rename
+        on local disk, an upload to an object store (the staged copy is then the caller's to remove)."""
+        if not self.remote:
+            target = self.local_path(rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(source, target)
+            return
+        self.upload(rel, source)
+
+    def fetch(self, rel: str, names: Iterable[str], dest: str) -> str:
+        """A local folder holding `names` of the stored folder `rel`: read in place on local disk,
+        downloaded into `dest` (replaced) from an object store. Returns the folder to read."""
+        if not self.remote:
+            return self.local_path(rel)
+        shutil.rmtree(dest, ignore_errors=True)
+        parallel(lambda name: self.download(f"{rel}/{name}", target=os.path.join(dest, name)), list(names))
+        return dest
+
+    def discard_fetched(self, folder: str) -> None:
+        """Drop what `fetch` downloaded (a folder read in place is left alone)."""
+        if self.remote:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _delete_local(path: str) -> None:
+    """Markers first, then the rest: a half-deleted folder never looks complete."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        for base, _, names in os.walk(path):
+            for name in names:
+                if name in MARKERS:
+                    os.unlink(os.path.join(base, name))
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _check_local_writable(folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f".pofa-write-check-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"pofa")
+        os.unlink(probe)
+    except OSError as exc:
+        raise StorageError(f"run directory {folder}: could not write a test file: {exc}") from exc
 
 
 def _local_listing(folder: str) -> dict[str, tuple[int, float]]:

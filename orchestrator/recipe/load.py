@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from orchestrator.recipe.schema import Recipe
 
-BUILTIN_PACKAGE = "orchestrator.recipes"
+BUILTIN_PACKAGE = "orchestrator.builtin_recipes"
 
 
 class RecipeError(ValueError):

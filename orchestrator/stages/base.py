@@ -1,28 +1,34 @@
-"""What a stage is to the pipeline runner: a config section, the inputs it depends on, and a run."""
+"""What a stage is to the job graph: a config section, the inputs it depends on, and a run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
-from workers.tracking import NullTracker, Tracker
+from pydantic import BaseModel
 
 from orchestrator.recipe.schema import Recipe
 from orchestrator.rundir import RunDir
+from workers.run_layout import RunLayout
+from workers.tracking import NullTracker, Tracker
 
 
 @dataclass
 class StageContext:
     recipe: Recipe
     run_dir: RunDir
-    stage_dir: str
     tracker: Tracker = NullTracker()  # the stage's MLflow run, for loops that log as they go
     tracking: Optional[Any] = None  # the pipeline's TrackingSession, for stages with nested sub-runs
+
+    @property
+    def layout(self) -> RunLayout:
+        return self.run_dir.layout
 
 
 @dataclass
 class StageResult:
-    stats: dict[str, Any]
-    outputs: dict[str, str]  # path relative to the stage dir -> sha256
+    stats: dict[str, Any]  # for people and MLflow
+    outputs: dict[str, str]  # file relative to the stage folder -> sha256
+    output: BaseModel  # the typed record the next stages read (workers.stage_outputs)
     model_dir: Optional[str] = None  # an exported Hugging Face model, logged to MLflow as a model
 
 

@@ -25,10 +25,13 @@ class PreprocessStage:
     name = "preprocess"
 
     def config(self, recipe: Recipe) -> dict[str, Any]:
-        # num_workers and cpus_per_worker do not change a byte of the output: kept out of the fingerprint.
+        # num_workers and cpus_per_worker do not change a byte of the output: kept out of the fingerprint;
+        # an unset sentence_per_line too, so runs made before the key existed stay valid
         if recipe.preprocess is None:
             raise ValueError("preprocess: the recipe has no preprocess section")
         section = recipe.preprocess.model_dump(mode="json", exclude={"num_workers", "cpus_per_worker"})
+        if section["source"].get("sentence_per_line") is None:
+            section["source"].pop("sentence_per_line", None)
         return {"seed": recipe.seed, "preprocess": section}
 
     def inputs(self, ctx: StageContext) -> dict[str, Any]:
@@ -37,5 +40,5 @@ class PreprocessStage:
     def run(self, ctx: StageContext) -> StageResult:
         from workers.preprocess.job import run_preprocess
 
-        stats, outputs = run_preprocess(ctx.recipe.preprocess, ctx.recipe.seed, ctx.stage_dir, ctx.run_dir.store)
-        return StageResult(stats, outputs)
+        stats, outputs, record = run_preprocess(ctx.recipe.preprocess, ctx.recipe.seed, ctx.layout)
+        return StageResult(stats, outputs, record)

@@ -4,14 +4,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-from orchestrator.manifest import read_manifest
+from orchestrator.manifest import stage_fingerprint
 from orchestrator.recipe.load import dump_recipe
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import StageContext, StageResult
 from orchestrator.stages.results_table import results_table, seed_table
-from pipelines.atomic import file_sha256, write_text_atomic
+from pipelines.atomic import write_text_atomic
+from pipelines.sparsity.report import report_paths
+from workers.run_layout import RunLayout
+from workers.stage_outputs import (FinetuneOutput, ReportOutput, StageManifest, TrainingOutput, load_manifest,
+                                   output_of)
 
 UPSTREAM = ("preprocess", "teacher", "student", "finetune")
 
@@ -28,49 +32,61 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _sparsity(run_path: str) -> Optional[dict[str, Any]]:
-    path = os.path.join(run_path, "student", "model", "sparsity.json")
-    if not os.path.exists(path):
+def _models(layout: RunLayout, manifests: Mapping[str, StageManifest]) -> dict[str, str]:
+    """stage -> its exported model folder, from the training stages' output records."""
+    return {s: layout.path(output_of(manifests[s], layout, TrainingOutput).model)
+            for s in ("teacher", "student") if s in manifests}
+
+
+def _sparsity(models: Mapping[str, str]) -> Optional[dict[str, Any]]:
+    if "student" not in models:
         return None
-    with open(path) as f:
-        return json.load(f)
+    path, _ = report_paths(models["student"])
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
 
 
-def render_report(recipe: Recipe, run_path: str, manifests: dict[str, dict]) -> str:
+def render_report(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, StageManifest]) -> str:
     out = [f"# pofa run `{recipe.name}`", "", recipe.description or "", ""]
-    if "student" in manifests:
-        sp = _sparsity(run_path)
+    models = _models(layout, manifests)
+    sp = _sparsity(models)
+    if "student" in models:
         target = recipe.student.pruning.schedule.final_sparsity if recipe.student else None
-        out += [f"Sparse model: `{os.path.join(run_path, 'student', 'model')}` "
+        out += [f"Sparse model: `{models['student']}` "
                 f"(global sparsity {_fmt(sp['global_sparsity']) if sp else '–'}, target {_fmt(target)}).", ""]
-    pre = manifests.get("preprocess", {}).get("stats")
+    pre = manifests["preprocess"].stats if "preprocess" in manifests else None
     if pre:
         keys = ["documents_train", "documents_validation", "sentences", "instances_train", "instances_validation",
                 "tokens", "short_seq_fraction", "nsp_random_fraction", "masked_token_fraction", "max_seq_length"]
         out += ["## Data", "", _table(["statistic", "value"], [[k, pre.get(k)] for k in keys]), "",
                 f"Skipped documents: {json.dumps(pre.get('documents_skipped', {}))}", ""]
-    trained = [s for s in ("teacher", "student") if s in manifests]
-    if trained:
-        cols = ["val/loss", "val/mlm_acc", "val/nsp_acc", "sparsity/global", "final_step"]
-        out += ["## Validation", "", _table(["model", *cols],
-                                            [[s, *[manifests[s]["stats"].get(c) for c in cols]] for s in trained]), ""]
-    out += _downstream(recipe, run_path, manifests)
-    sp = _sparsity(run_path)
+    if models:
+        cols = ["val/loss", "val/mlm_acc", "val/nsp_acc", "sparsity/global"]
+        trained = {s: output_of(manifests[s], layout, TrainingOutput) for s in models}
+        out += ["## Validation", "", _table(["model", *cols, "final_step"],
+                                            [[s, *[t.metrics.get(c) for c in cols], t.final_step]
+                                             for s, t in trained.items()]), ""]
+    out += _downstream(recipe, layout, manifests)
     if sp:
         out += ["## Sparsity per layer", "", "![sparsity per layer](sparsity.png)", "",
                 _table(["layer", "shape", "sparsity"], [[l["name"], "×".join(map(str, l["shape"])), l["sparsity"]]
                                                           for l in sp["layers"]]), ""]
-    out += ["## Wall time", "", _table(["stage", "seconds"], [[s, m.get("wall_time_s")] for s, m in
-                                                             manifests.items()]), ""]
-    models = [[s, os.path.join(run_path, s, "model")] for s in trained]
+    out += ["## Wall time", "", _table(["stage", "seconds"], [[s, m.wall_time_s] for s, m in manifests.items()]), ""]
     if models:
-        out += ["## Exported models", "", _table(["stage", "Hugging Face folder"], models), ""]
+        out += ["## Exported models", "", _table(["stage", "Hugging Face folder"], [[s, m] for s, m in models.items()]),
+                ""]
     out += ["## Recipe", "", "```yaml", dump_recipe(recipe).rstrip(), "```", ""]
     return "\n".join(out)
 
 
-def _downstream(recipe: Recipe, run_path: str, manifests: dict[str, dict]) -> list[str]:
-    results = manifests.get("finetune", {}).get("stats", {}).get("results")
+def _downstream(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, StageManifest]) -> list[str]:
+    if "finetune" not in manifests:
+        return []
+    from orchestrator.stages.finetune import task_results
+
+    finetuned = output_of(manifests["finetune"], layout, FinetuneOutput)
+    results = {name: task_results(task) for name, task in finetuned.tasks.items()}
     if not results:
         return []
     from pipelines.finetune.published import PUBLISHED, SOURCE
@@ -81,7 +97,7 @@ def _downstream(recipe: Recipe, run_path: str, manifests: dict[str, dict]) -> li
     if published:
         out += [f"Published figures: {SOURCE}", ""]
     out += ["Per seed (the export's global sparsity beside it):", "", seed_table(results), "",
-            "Fine-tuned models: " + ", ".join(f"`{os.path.join(run_path, 'finetune', t, 'model')}`" for t in results),
+            "Fine-tuned models: " + ", ".join(f"`{layout.path(t.model)}`" for t in finetuned.tasks.values()),
             ""]
     return out
 
@@ -94,18 +110,17 @@ class ReportStage:
         return {"recipe": recipe.model_dump(mode="json", exclude={"tracking", "ray"})}
 
     def inputs(self, ctx: StageContext) -> dict[str, Any]:
-        return {s: (read_manifest(ctx.run_dir.stage_dir(s)) or {}).get("fingerprint") for s in UPSTREAM}
+        return {s: stage_fingerprint(ctx.layout, s) for s in UPSTREAM}
 
     def run(self, ctx: StageContext) -> StageResult:
-        run_path = ctx.run_dir.path
-        manifests = {s: m for s in UPSTREAM if (m := read_manifest(ctx.run_dir.stage_dir(s)))}
-        outputs = {}
-        png = os.path.join(run_path, "student", "model", "sparsity.png")
-        if os.path.exists(png):
-            shutil.copyfile(png, os.path.join(ctx.stage_dir, "sparsity.png"))
-            outputs["sparsity.png"] = file_sha256(os.path.join(ctx.stage_dir, "sparsity.png"))
-        path = os.path.join(ctx.stage_dir, "README.md")
-        write_text_atomic(render_report(ctx.recipe, run_path, manifests), path)
-        outputs["README.md"] = file_sha256(path)
+        layout = ctx.layout
+        manifests = {s: m for s in UPSTREAM if (m := load_manifest(layout, s))}
+        path = layout.report
+        write_text_atomic(render_report(ctx.recipe, layout, manifests), path)
+        student = _models(layout, manifests).get("student")
+        png = report_paths(student)[1] if student else None
+        if png is not None and png.exists():  # the per-layer chart the README shows
+            shutil.copyfile(png, os.path.join(os.path.dirname(path), png.name))
         ctx.tracker.log_artifact(path, "report")
-        return StageResult({"stages_reported": sorted(manifests)}, outputs)
+        outputs = layout.file_hashes(self.name, os.path.dirname(path))
+        return StageResult({"stages_reported": sorted(manifests)}, outputs, ReportOutput(stages_reported=sorted(manifests)))

@@ -6,33 +6,30 @@ good checkpoint of the unfinished stage.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from orchestrator.manifest import read_manifest
+from orchestrator.manifest import stage_fingerprint
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import StageContext, StageResult
-from pipelines.atomic import file_sha256
+from workers.stage_outputs import TrainingOutput, read_output
 
 
-def _model_outputs(stage_dir: str) -> dict[str, str]:
-    model_dir = os.path.join(stage_dir, "model")
-    out = {}
-    for name in sorted(os.listdir(model_dir)):
-        path = os.path.join(model_dir, name)
-        if os.path.isfile(path):
-            out[f"model/{name}"] = file_sha256(path)
-    return out
-
-
-def _upstream(ctx: StageContext, *stages: str) -> dict[str, Any]:
+def upstream(ctx: StageContext, *stages: str) -> dict[str, Any]:
     """Fingerprints of the stages this one reads: a redone upstream stage makes this one stale."""
-    return {s: (read_manifest(ctx.run_dir.stage_dir(s)) or {}).get("fingerprint") for s in stages}
+    return {s: stage_fingerprint(ctx.layout, s) for s in stages}
 
 
-def _stats(result) -> dict[str, Any]:
-    return {"final_step": result.final_step, "start_steps": result.start_steps,
-            "train_time_s": round(result.elapsed_s, 3), **result.metrics}
+def _result(ctx: StageContext, stage: str, spec: Any) -> StageResult:
+    from workers.train.driver import run_training
+
+    result = run_training(spec)
+    run = spec.run
+    stats = {"final_step": result.final_step, "start_steps": result.start_steps,
+             "train_time_s": round(result.elapsed_s, 3), **result.metrics}
+    output = TrainingOutput(model=ctx.layout.rel(run.model), final_step=result.final_step,
+                            sparsity=result.summary.get("export_sparsity"),
+                            metrics={k: float(v) for k, v in result.metrics.items()})
+    return StageResult(stats, ctx.layout.file_hashes(stage, run.model), output, model_dir=run.model)
 
 
 class TeacherStage:
@@ -43,17 +40,14 @@ class TeacherStage:
                 "teacher": recipe.teacher.model_dump(mode="json")}
 
     def inputs(self, ctx: StageContext) -> dict[str, Any]:
-        return _upstream(ctx, "preprocess")
+        return upstream(ctx, "preprocess")
 
     def run(self, ctx: StageContext) -> StageResult:
         from workers.train.spec import TrainSpec
-        from workers.train.stage import run_training
 
-        spec = TrainSpec(stage="teacher", run_dir=ctx.run_dir.path, train=ctx.recipe.teacher,
-                         model=ctx.recipe.model, seed=ctx.recipe.seed, tracker=ctx.tracker,
-                         resource_wait_s=ctx.recipe.ray.resource_wait_s, store=ctx.run_dir.store)
-        result = run_training(spec)
-        return StageResult(_stats(result), _model_outputs(ctx.stage_dir), model_dir=result.model_dir)
+        spec = TrainSpec(stage="teacher", layout=ctx.layout, train=ctx.recipe.teacher, model=ctx.recipe.model,
+                         seed=ctx.recipe.seed, tracker=ctx.tracker, resource_wait_s=ctx.recipe.ray.resource_wait_s)
+        return _result(ctx, self.name, spec)
 
 
 class StudentStage:
@@ -63,17 +57,15 @@ class StudentStage:
         return {"seed": recipe.seed, "student": recipe.student.model_dump(mode="json")}
 
     def inputs(self, ctx: StageContext) -> dict[str, Any]:
-        return _upstream(ctx, "preprocess", "teacher")
+        return upstream(ctx, "preprocess", "teacher")
 
     def run(self, ctx: StageContext) -> StageResult:
         from workers.train.spec import TrainSpec
-        from workers.train.stage import run_training
 
         section = ctx.recipe.student
-        spec = TrainSpec(stage="student", run_dir=ctx.run_dir.path, train=section.train_config(),
-                         init_dir=os.path.join(ctx.run_dir.stage_dir("teacher"), "model"),
-                         pruning=section.pruning, distillation=section.distillation, seed=ctx.recipe.seed,
-                         tracker=ctx.tracker, resource_wait_s=ctx.recipe.ray.resource_wait_s,
-                         store=ctx.run_dir.store)
-        result = run_training(spec)
-        return StageResult(_stats(result), _model_outputs(ctx.stage_dir), model_dir=result.model_dir)
+        teacher = read_output(ctx.layout, "teacher", TrainingOutput)  # the student starts from its export
+        spec = TrainSpec(stage="student", layout=ctx.layout, train=section.train_config(),
+                         init_dir=ctx.layout.path(teacher.model), pruning=section.pruning,
+                         distillation=section.distillation, seed=ctx.recipe.seed, tracker=ctx.tracker,
+                         resource_wait_s=ctx.recipe.ray.resource_wait_s)
+        return _result(ctx, self.name, spec)

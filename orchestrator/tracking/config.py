@@ -8,9 +8,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# File names inside the run directory (the embedded default store).
-DB_FILE = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
+from workers.run_layout import RunLayout
 
 
 class TrackingConfig(BaseModel):
@@ -62,25 +60,21 @@ class ResolvedStore:
     artifact_location: str | None
 
 
-def default_store_uri(run_dir: str | os.PathLike[str]) -> str:
+def default_store_uri(layout: RunLayout) -> str:
     """The embedded SQLite store of a run directory (absolute, so it survives a chdir)."""
-    return f"sqlite:///{Path(run_dir).resolve() / DB_FILE}"
+    return f"sqlite:///{layout.mlflow_db}"
 
 
-def resolve_store(config: TrackingConfig, run_dir: str | os.PathLike[str],
-                  remote_run_dir: str | None = None) -> ResolvedStore:
-    """Pick the store: recipe `tracking.uri`, then `MLFLOW_TRACKING_URI`, then `<run_dir>/mlflow.db`.
+def resolve_store(config: TrackingConfig, layout: RunLayout) -> ResolvedStore:
+    """Pick the store: recipe `tracking.uri`, then `MLFLOW_TRACKING_URI`, then the run's `mlflow.db`.
 
-    Local database stores get their artifacts under `<run_dir>/mlartifacts`: MLflow would
-    otherwise put them under `./mlruns` of whatever the current directory is. When the run
-    directory lives on an object store (`remote_run_dir`, `run_dir` being this node's mirror), the
-    artifacts go straight to `<remote_run_dir>/mlartifacts`, a location every node can reach.
+    Local database stores get their artifacts in the run's `mlartifacts/`: MLflow would otherwise
+    put them under `./mlruns` of whatever the current directory is. When the run directory lives on
+    an object store, that folder is the stored one, a location every node can reach.
     """
-    uri = config.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri(run_dir)
+    uri = config.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri(layout)
     if is_local_database(uri):
-        artifacts = (f"{remote_run_dir.rstrip('/')}/{ARTIFACTS_DIR}" if remote_run_dir
-                     else (Path(run_dir).resolve() / ARTIFACTS_DIR).as_uri())
-        return ResolvedStore(uri=uri, artifact_location=artifacts)
+        return ResolvedStore(uri=uri, artifact_location=layout.location_uri(layout.mlflow_artifacts))
     return ResolvedStore(uri=uri, artifact_location=None)
 
 

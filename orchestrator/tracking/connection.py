@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from workers.run_layout import RunLayout
 from orchestrator.tracking.config import TrackingConfig, is_http, resolve_store, sqlite_path
 
 
@@ -25,11 +26,11 @@ def apply_request_settings(timeout_s: float, max_retries: int) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
 
 
-def check_tracking(config: TrackingConfig, run_dir: str | os.PathLike[str]) -> str | None:
+def check_tracking(config: TrackingConfig, layout: RunLayout) -> str | None:
     """Preflight for the CLI (e.g. before `pofa submit`): the resolved URI, or None if disabled."""
     if not config.enabled:
         return None
-    uri = resolve_store(config, run_dir).uri
+    uri = resolve_store(config, layout).uri
     check_reachable(uri, config.connect_timeout_s)
     return uri
 

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from pipelines.atomic import write_text_atomic
 from pydantic import BaseModel, ConfigDict, Field
 
 REGISTRY_FILE = "tracking.json"
@@ -38,8 +39,9 @@ class RunRegistry(BaseModel):
     stores: dict[str, StoreEntry] = Field(default_factory=dict)
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike[str]) -> "RunRegistry":
-        path = Path(run_dir) / REGISTRY_FILE
+    def load(cls, path: str | os.PathLike[str]) -> "RunRegistry":
+        """From the run's `tracking.json` (empty when there is none yet)."""
+        path = Path(path)
         if not path.exists():
             return cls()
         try:
@@ -49,10 +51,6 @@ class RunRegistry(BaseModel):
                 f"{path}: not a pofa tracking registry ({exc}); move it away to start new MLflow runs"
             ) from exc
 
-    def save(self, run_dir: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: a crash mid-write must not lose the ids of existing runs."""
-        folder = Path(run_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{REGISTRY_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, folder / REGISTRY_FILE)
+        write_text_atomic(json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n", str(path))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
+from workers.run_layout import RunLayout
 from workers.tracking import NullTracker, Tracker
 
 from orchestrator.tracking.config import ResolvedStore, TrackingConfig, default_store_uri, resolve_store
@@ -24,6 +24,7 @@ from orchestrator.tracking.connection import (
 from orchestrator.tracking.models import log_hf_model
 from orchestrator.tracking.params import flatten_params
 from orchestrator.tracking.registry import RunRegistry, StageEntry, StoreEntry
+from orchestrator.tracking.retry import retry_transient
 from orchestrator.tracking.tags import (
     PARENT_RUN_TAG,
     RUN_STATUS_TAG,
@@ -44,17 +45,17 @@ LOCAL_STORE_KEY = "run-directory:mlflow.db"
 class TrackingSession:
     """MLflow bookkeeping of one run directory. With `enabled: false` every method is a no-op."""
 
-    def __init__(self, config: TrackingConfig, run_dir: str | os.PathLike[str],
-                 remote_run_dir: str | None = None) -> None:
+    def __init__(self, config: TrackingConfig, run_dir: RunLayout | str | os.PathLike[str]) -> None:
         self.config = config
-        self.run_dir = Path(run_dir).resolve()
+        self.layout = run_dir if isinstance(run_dir, RunLayout) else RunLayout.open(str(run_dir))
+        self.run_dir = Path(self.layout.root)
         self.enabled = config.enabled
-        self.store: ResolvedStore = resolve_store(config, self.run_dir, remote_run_dir)
+        self.store: ResolvedStore = resolve_store(config, self.layout)
         # the run directory's own database is found by that name, wherever the directory (or this
         # node's mirror of it) sits; other stores by their URI
-        self._key = LOCAL_STORE_KEY if self.store.uri == default_store_uri(self.run_dir) else self.store.uri
+        self._key = LOCAL_STORE_KEY if self.store.uri == default_store_uri(self.layout) else self.store.uri
         self.settings = SenderSettings.from_config(config)
-        self._registry = RunRegistry.load(self.run_dir) if self.enabled else RunRegistry()
+        self._registry = RunRegistry.load(self.layout.tracking_registry) if self.enabled else RunRegistry()
         self._entry: StoreEntry | None = None
         self._trackers: dict[str | None, AsyncMlflowTracker] = {}
         self._client: Any = None
@@ -65,19 +66,18 @@ class TrackingSession:
     def open(
         cls,
         config: TrackingConfig,
-        run_dir: str | os.PathLike[str],
+        run_dir: RunLayout | str | os.PathLike[str],
         *,
         recipe: Mapping[str, Any] | None = None,
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
-        remote_run_dir: str | None = None,
     ) -> "TrackingSession":
         """Check the store, then find this run directory's parent run or create it.
 
         `recipe` (the resolved recipe as a dict) is logged as flattened params on the parent.
         Raises TrackingUnreachableError within `connect_timeout_s` if a server does not answer.
         """
-        session = cls(config, run_dir, remote_run_dir)
+        session = cls(config, run_dir)
         if session.enabled:
             check_reachable(session.uri, config.connect_timeout_s)
             apply_request_settings(config.request_timeout_s, config.request_max_retries)
@@ -109,7 +109,7 @@ class TrackingSession:
             if entry is not None:
                 logger.warning(
                     "pofa: MLflow run %s recorded in %s is gone from %s; starting a new parent run",
-                    entry.parent_run_id, self.run_dir / "tracking.json", self.uri,
+                    entry.parent_run_id, self.layout.tracking_registry, self.uri,
                 )
             experiment_id = self._retry("find the MLflow experiment", self._get_or_create_experiment)
             run = self._retry(
@@ -121,7 +121,7 @@ class TrackingSession:
         self._entry = entry
         self._registry.stores.pop(self.uri, None)  # an entry from before stores were keyed by name
         self._registry.stores[self._key] = entry
-        self._registry.save(self.run_dir)
+        self._registry.save(self.layout.tracking_registry)
 
     def _get_or_create_experiment(self) -> str:
         name = self.config.experiment
@@ -171,7 +171,7 @@ class TrackingSession:
             )
             run_id = run.info.run_id
         entry.stages[key] = StageEntry(run_id=run_id, status="RUNNING")
-        self._registry.save(self.run_dir)
+        self._registry.save(self.layout.tracking_registry)
         if params:
             self.log_params(flatten_params(params), key=key)
         return run_id
@@ -190,7 +190,7 @@ class TrackingSession:
             tracker.flush()
         self._terminate(run_id, status, f"stage {key!r}", STAGE_STATUS_TAG)
         entry.stages[key].status = status
-        self._registry.save(self.run_dir)
+        self._registry.save(self.layout.tracking_registry)
 
     def stage_run_id(self, key: str) -> str | None:
         if self._entry is None or key not in self._entry.stages:
@@ -206,7 +206,7 @@ class TrackingSession:
             tracker.close()
         self._terminate(self._entry.parent_run_id, status, "the pipeline run", RUN_STATUS_TAG)
         self._entry.status = status
-        self._registry.save(self.run_dir)
+        self._registry.save(self.layout.tracking_registry)
 
     # -- logging ----------------------------------------------------------------------------------
     def tracker(self, key: str | None = None) -> Tracker:
@@ -360,37 +360,10 @@ class TrackingSession:
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
         """Retry a stage-boundary call while the store is down, up to boundary_retry_s."""
-        deadline = time.monotonic() + self.config.boundary_retry_s
-        delay = self.config.retry_initial_s
-        warned = False
-        while True:
-            try:
-                return call()
-            except Exception as exc:
-                if not _transient(exc):
-                    raise
-                if time.monotonic() + delay > deadline:
-                    raise TrackingUnreachableError(
-                        f"could not {what} in MLflow at {self.uri} within "
-                        f"{self.config.boundary_retry_s:g} s: {str(exc)[:300]}"
-                    ) from exc
-                if not warned:
-                    logger.warning("pofa: MLflow at %s failed to %s (%s); retrying", self.uri, what,
-                                   str(exc)[:200])
-                    warned = True
-                time.sleep(delay)
-                delay = min(delay * 2, self.config.retry_max_s)
-
-
-def _transient(exc: Exception) -> bool:
-    """Worth retrying: the store is down or busy, not refusing the request itself."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        return exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
-                                      "UNAUTHENTICATED", "PERMISSION_DENIED")  # wrong credentials: fail now
-    # OSError: connection failures below MLflow; OperationalError: a locked SQLite database.
-    return isinstance(exc, OSError) or type(exc).__name__ == "OperationalError"
+        return retry_transient(
+            call, what=what, uri=self.uri, initial_s=self.config.retry_initial_s,
+            max_s=self.config.retry_max_s, give_up_after_s=self.config.boundary_retry_s,
+        )
 
 
 def _check_status(status: str) -> str:

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from tenacity import Retrying, retry_if_result
+
 from orchestrator.tracking.config import TrackingConfig
 from orchestrator.tracking.connection import apply_request_settings
+from orchestrator.tracking.retry import backoff
 
 logger = logging.getLogger("pofa.tracking")
 _THREAD_PREFIX = "pofa-mlflow-"
@@ -228,24 +231,36 @@ class AsyncMlflowTracker:
             self._atexit_registered = True
 
     def _run(self) -> None:
-        backoff = 0.0
+        # Not a retry itself: one delivery round per flush interval, or at once when close() wakes
+        # it. A round retries a down store (shared backoff) until it is back or close()'s deadline
+        # passes; then the thread ends and close() reports what was not delivered.
+        deliver = Retrying(
+            retry=retry_if_result(lambda delivered: not delivered),
+            wait=backoff(self.settings.retry_initial_s, self.settings.retry_max_s),
+            stop=lambda _: self._past_stop_deadline(),
+            sleep=self._pause,
+            retry_error_callback=lambda _: False,
+        )
         while True:
-            stopping = self._stop_deadline is not None
-            if not (stopping and backoff == 0.0):
-                timeout = backoff or self.settings.flush_interval_s
-                if stopping:
-                    timeout = min(timeout, max(0.0, self._stop_deadline - time.monotonic()))
-                self._wake.wait(timeout)
+            if self._stop_deadline is None:
+                self._wake.wait(self.settings.flush_interval_s)
             self._wake.clear()
-            stopping = self._stop_deadline is not None
-            if self._drain():
-                backoff = 0.0
-                if stopping:
-                    return
-            else:
-                backoff = min(max(backoff * 2, self.settings.retry_initial_s), self.settings.retry_max_s)
-                if stopping and time.monotonic() >= self._stop_deadline:
-                    return
+            stopping = self._stop_deadline is not None  # before delivering: a later close() gets a round
+            deliver(self._drain)
+            if stopping:
+                return
+
+    def _pause(self, seconds: float) -> None:
+        """The wait between two tries: cut short by close(), and never past its deadline."""
+        deadline = self._stop_deadline
+        if deadline is not None:
+            seconds = min(seconds, max(0.0, deadline - time.monotonic()))
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def _past_stop_deadline(self) -> bool:
+        deadline = self._stop_deadline
+        return deadline is not None and time.monotonic() >= deadline
 
     def _drain(self) -> bool:
         """Send queued records in order until none are left (True) or the store fails (False)."""

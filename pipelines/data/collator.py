@@ -11,7 +11,7 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-IGNORE_INDEX = -100  # ignored by torch's cross-entropy
+IGNORE_INDEX = -100  # labels torch's cross-entropy ignores: every loss and metric of pofa reads this one
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ def _dynamic_mask(ids: torch.Tensor, settings: CollatorSettings,
 def _static_labels(ids: torch.Tensor, positions: Sequence[int], originals: Sequence[int]) -> torch.Tensor:
     if len(positions) != len(originals):
         raise ValueError(f"masked_lm_positions ({len(positions)}) and masked_lm_ids ({len(originals)}) differ in length")
+    if len(positions) and not 0 <= min(positions) <= max(positions) < len(ids):
+        raise ValueError(f"masked_lm_positions {list(positions)} point outside input_ids of length {len(ids)}")
     labels = torch.full_like(ids, IGNORE_INDEX)
     if len(positions):
         labels[torch.as_tensor(positions, dtype=torch.long)] = torch.as_tensor(originals, dtype=ids.dtype)
@@ -68,7 +70,9 @@ def _static_labels(ids: torch.Tensor, positions: Sequence[int], originals: Seque
 
 def collate(rows: Sequence[Mapping], settings: CollatorSettings,
             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Pad a list of rows (dicts with the Parquet columns) into model inputs with MLM labels and NSP labels."""
+    """Pad a list of rows (dicts with the Parquet columns) into model inputs with MLM labels and NSP labels.
+    `special_tokens_mask` marks [CLS]/[SEP]/[PAD] (of the unmasked ids): with `labels` it gives the
+    share of real tokens that are MLM targets, the masking contract made visible."""
     if not rows:
         raise ValueError("collate: empty batch")
     if settings.masking == "dynamic" and generator is None:
@@ -78,9 +82,12 @@ def collate(rows: Sequence[Mapping], settings: CollatorSettings,
     input_ids = torch.full((batch, width), settings.pad_id, dtype=torch.long)
     token_type_ids = torch.zeros((batch, width), dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    special = torch.ones((batch, width), dtype=torch.bool)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    special_ids = torch.tensor(sorted(settings.special_ids), dtype=torch.long)
     for i, row in enumerate(rows):
         ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        special[i, :len(ids)] = torch.isin(ids, special_ids)
         if settings.masking == "dynamic":
             ids, row_labels = _dynamic_mask(ids, settings, generator)  # type: ignore[arg-type]
         else:
@@ -92,4 +99,9 @@ def collate(rows: Sequence[Mapping], settings: CollatorSettings,
         labels[i, :n] = row_labels
     nsp = torch.as_tensor([int(r["next_sentence_label"]) for r in rows], dtype=torch.long)
     return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
-            "labels": labels, "next_sentence_label": nsp}
+            "labels": labels, "next_sentence_label": nsp, "special_tokens_mask": special}
+
+
+def mlm_counts(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(MLM targets, non-special tokens) of a collated batch."""
+    return int((batch["labels"] != IGNORE_INDEX).sum()), int((~batch["special_tokens_mask"]).sum())

@@ -3,6 +3,22 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MaskingContract(BaseModel):
+    """What the preprocess stage promises about MLM targets, and what training must honour: dynamic
+    masks are drawn at batch time with these settings; static masks are stored in the shards
+    (`copies` differently masked copies of every instance) and used as they are."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["static", "dynamic"]
+    masked_lm_prob: float = Field(gt=0.0, lt=1.0)
+    max_predictions_per_seq: int = Field(ge=1)
+    copies: int = Field(default=1, ge=1)
 
 
 @dataclass(frozen=True)

@@ -16,43 +16,27 @@ SOURCE = (
 
 # Metric keys per task: squad exact_match/f1; mnli m_accuracy/mm_accuracy; qqp accuracy/f1;
 # qnli accuracy; sst2 accuracy.
-PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
-    "bert-base-uncased-sparse-80-1x4-block-pruneofa": {
-        "squad": {"exact_match": 81.29, "f1": 88.47},
-    },
-    "bert-base-uncased-sparse-85-unstructured-pruneofa": {
-        "squad": {"exact_match": 81.10, "f1": 88.42},
-        "mnli": {"m_accuracy": 82.71, "mm_accuracy": 83.67},
-        "qqp": {"accuracy": 91.15, "f1": 88.00},
-        "qnli": {"accuracy": 90.34},
-        "sst2": {"accuracy": 91.46},
-    },
-    "bert-base-uncased-sparse-90-unstructured-pruneofa": {
-        "squad": {"exact_match": 79.83, "f1": 87.25},
-        "mnli": {"m_accuracy": 81.45, "mm_accuracy": 82.43},
-        "qqp": {"accuracy": 90.93, "f1": 87.72},
-        "qnli": {"accuracy": 89.07},
-        "sst2": {"accuracy": 90.88},
-    },
-    "bert-large-uncased-sparse-90-unstructured-pruneofa": {
-        "squad": {"exact_match": 83.35, "f1": 90.20},
-        "mnli": {"m_accuracy": 83.74, "mm_accuracy": 84.20},
-        "qqp": {"accuracy": 91.48, "f1": 88.43},
-        "qnli": {"accuracy": 91.39},
-        "sst2": {"accuracy": 92.95},
-    },
-    "distilbert-base-uncased-sparse-85-unstructured-pruneofa": {
-        "squad": {"exact_match": 78.10, "f1": 85.82},
-        "mnli": {"m_accuracy": 81.35, "mm_accuracy": 82.03},
-        "qqp": {"accuracy": 90.29, "f1": 86.97},
-        "qnli": {"accuracy": 88.31},
-        "sst2": {"accuracy": 90.60},
-    },
-    "distilbert-base-uncased-sparse-90-unstructured-pruneofa": {
-        "squad": {"exact_match": 76.91, "f1": 84.82},
-        "mnli": {"m_accuracy": 80.68, "mm_accuracy": 81.47},
-        "qqp": {"accuracy": 90.05, "f1": 86.67},
-        "qnli": {"accuracy": 87.66},
-        "sst2": {"accuracy": 90.02},
-    },
+# The model card's table, column by column (None: the card has no figure there).
+_COLUMNS = (("squad", "exact_match"), ("squad", "f1"), ("mnli", "m_accuracy"), ("mnli", "mm_accuracy"),
+            ("qqp", "accuracy"), ("qqp", "f1"), ("qnli", "accuracy"), ("sst2", "accuracy"))
+_ROWS: dict[str, tuple[float | None, ...]] = {
+    "bert-base-uncased-sparse-80-1x4-block-pruneofa": (81.29, 88.47, None, None, None, None, None, None),
+    "bert-base-uncased-sparse-85-unstructured-pruneofa": (81.10, 88.42, 82.71, 83.67, 91.15, 88.00, 90.34, 91.46),
+    "bert-base-uncased-sparse-90-unstructured-pruneofa": (79.83, 87.25, 81.45, 82.43, 90.93, 87.72, 89.07, 90.88),
+    "bert-large-uncased-sparse-90-unstructured-pruneofa": (83.35, 90.20, 83.74, 84.20, 91.48, 88.43, 91.39, 92.95),
+    "distilbert-base-uncased-sparse-85-unstructured-pruneofa": (78.10, 85.82, 81.35, 82.03, 90.29, 86.97, 88.31,
+                                                                 90.60),
+    "distilbert-base-uncased-sparse-90-unstructured-pruneofa": (76.91, 84.82, 80.68, 81.47, 90.05, 86.67, 87.66,
+                                                                 90.02),
 }
+
+
+def _by_task(row: tuple[float | None, ...]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for (task, metric), value in zip(_COLUMNS, row):
+        if value is not None:
+            out.setdefault(task, {})[metric] = value
+    return out
+
+
+PUBLISHED: dict[str, dict[str, dict[str, float]]] = {name: _by_task(row) for name, row in _ROWS.items()}

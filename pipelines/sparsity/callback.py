@@ -46,8 +46,9 @@ class PruningCallback:
         sched = self.cfg.schedule
         if sched.kind == "constant":
             if self.last_update_step is None:
-                self._install(pattern_masks(self.enforcer.read_weights(self.names)), step,
-                              schedules.target_sparsity(sched, step))
+                masks = pattern_masks(self.enforcer.read_weights(self.names))
+                # a locked pattern's target is the sparsity it has, not the schedule's (unused) level
+                self._install(masks, step, _pruned_fraction(masks))
                 return True
             return False
         if step == self.last_update_step or not schedules.is_mask_update_step(sched, step):
@@ -81,10 +82,7 @@ class PruningCallback:
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics for a tracker: target, global and per-layer sparsity."""
-        total = sum(m.numel() for m in self.masks.values())
-        pruned = sum(int((~m).sum()) for m in self.masks.values())
-        out = {"sparsity/target": self.sparsity,
-               "sparsity/global": pruned / total if total else 0.0}
+        out = {"sparsity/target": self.sparsity, "sparsity/global": _pruned_fraction(self.masks)}
         out.update({f"sparsity/layer/{n}": s for n, s in self.mask_sparsity().items()})
         return out
 
@@ -117,3 +115,8 @@ class PruningCallback:
         self.last_update_step = step
         self.sparsity = target
         self.enforcer.set_masks(self.masks)
+
+
+def _pruned_fraction(masks: Mapping[str, Tensor]) -> float:
+    total = sum(m.numel() for m in masks.values())
+    return sum(int((~m.bool()).sum()) for m in masks.values()) / total if total else 0.0

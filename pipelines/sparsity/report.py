@@ -67,6 +67,11 @@ def sparsity_report(weights: Mapping[str, Tensor], mask: MaskConfig | None = Non
     return report
 
 
+def report_paths(out_dir: str | os.PathLike, stem: str = "sparsity") -> tuple[Path, Path]:
+    """Where a model folder keeps its sparsity report: `<stem>.json` and `<stem>.png`."""
+    return Path(out_dir) / f"{stem}.json", Path(out_dir) / f"{stem}.png"
+
+
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike, stem: str = "sparsity") -> tuple[Path, Path]:
     """Write `<stem>.json` and `<stem>.png` into out_dir; return both paths."""
     import matplotlib
@@ -74,9 +79,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike, stem: st
     matplotlib.use("Agg")  # no display on workers
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    json_path, png_path = report_paths(out_dir, stem)
     json_path.write_text(json.dumps(report, indent=2))
 
     layers = report["layers"]

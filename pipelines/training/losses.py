@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipelines.data.collator import IGNORE_INDEX
 from pipelines.models.heads import mlm_logits as _mlm, nsp_logits as _nsp
-
-IGNORE_INDEX = -100
 
 
 def pretraining_loss(outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

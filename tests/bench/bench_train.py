@@ -28,19 +28,19 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def _spec(run_dir: str, steps: int, workers: int, checkpoint_every: int | None = None,
-          preprocess_dir: str | None = None):
+def _spec(run_dir: str, steps: int, workers: int, checkpoint_every: int | None = None):
     from pipelines.models.config import BertInit, ModelConfig
     from pipelines.training.config import TrainConfig
     from tests.workers.train_fixture import tiny_train
+    from workers.run_layout import RunLayout
     from workers.train.spec import TrainSpec
 
     train = TrainConfig(**tiny_train(num_workers=workers, max_steps=steps, eval_every=10**6,
                                      checkpoint_every=checkpoint_every or steps, keep_checkpoints=2))
     model = ModelConfig(init=BertInit(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=128))
-    return TrainSpec(stage="teacher", run_dir=run_dir, train=train, model=model, seed=1, progress=False,
-                     preprocess_dir=preprocess_dir)
+    return TrainSpec(stage="teacher", layout=RunLayout.open(run_dir), train=train, model=model, seed=1,
+                     progress=False)
 
 
 def _median_step_time(step_ends: list[float], skip: int = 3) -> float:
@@ -53,13 +53,12 @@ def bare_main(run_dir: str, steps: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from workers.train.loop import Worker
+    from workers.train.pretraining_worker import PretrainingWorker
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    spec = _spec(os.path.join(run_dir, "bare"), steps, world, preprocess_dir=os.path.join(run_dir, "preprocess"))
-    os.makedirs(spec.stage_dir, exist_ok=True)
-    worker = Worker(spec, rank, world, torch.device("cpu"), in_ray=False)
+    spec = _spec(os.path.join(run_dir, "bare"), steps, world)
+    worker = PretrainingWorker(spec, rank, world, torch.device("cpu"), in_ray=False)
     ends = []
     for _ in range(steps):
         metrics = worker.train_step()
@@ -69,7 +68,7 @@ def bare_main(run_dir: str, steps: int) -> None:
     worker.save_checkpoint({})
     save_s = time.perf_counter() - t
     if rank == 0:
-        with open(os.path.join(run_dir, "bare.json"), "w") as f:
+        with open(os.path.join(run_dir, "bare", "bare.json"), "w") as f:
             json.dump({"step_s": _median_step_time(ends), "save_s": save_s}, f)
     dist.destroy_process_group()
 
@@ -82,18 +81,18 @@ def _records(path: str) -> list[dict]:
 def ray_side(run_dir: str, steps: int, workers: int) -> dict[str, float]:
     import ray
 
-    from workers.train.stage import run_training
+    from workers.train.driver import run_training
 
     ray.init(num_cpus=max(4, workers * 2), log_to_driver=False)  # keep the table readable
-    spec = _spec(run_dir, steps, workers)
+    spec = _spec(os.path.join(run_dir, "ray"), steps, workers)
     called = time.time()
     run_training(spec, echo=False)
-    records = [r for r in _records(spec.metrics_path) if "loss" in r]
-    with open(spec.summary_path) as f:
+    records = [r for r in _records(spec.run.metrics) if "loss" in r]
+    with open(spec.run.summary) as f:
         first = json.load(f)
     # resume from the final checkpoint with a longer run to time a checkpoint load
-    run_training(_spec(run_dir, steps + 2, workers, checkpoint_every=steps), echo=False)
-    with open(spec.summary_path) as f:
+    run_training(_spec(os.path.join(run_dir, "ray"), steps + 2, workers, checkpoint_every=steps), echo=False)
+    with open(spec.run.summary) as f:
         resumed = json.load(f)
     ray.shutdown()
     return {"step_s": _median_step_time([r["time"] for r in records]),
@@ -109,7 +108,7 @@ def bare_side(run_dir: str, steps: int, workers: int) -> dict[str, float]:
            "--steps", str(steps)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}  # as Ray gives each 1-CPU worker
     subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(os.path.join(run_dir, "bare.json")) as f:
+    with open(os.path.join(run_dir, "bare", "bare.json")) as f:
         return json.load(f)
 
 
@@ -163,7 +162,8 @@ def main() -> None:
     from tests.workers.train_fixture import make_preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
-        make_preprocess(tmp, n_train=2048, n_val=64)
+        for side in ("ray", "bare"):  # the same data twice: each side is its own run directory
+            make_preprocess(os.path.join(tmp, side), documents=1200)
         ray_ = ray_side(tmp, args.steps, args.workers)
         bare = bare_side(tmp, args.steps, args.workers)
     rows = [

@@ -23,7 +23,7 @@ START = Path(__file__).resolve().parents[2] / "deploy" / "mlflow" / "start.sh"
 ADMIN, ADMIN_PASSWORD = "pofa-admin", "admin-test-password-1"
 
 missing = postgres_tools()
-pytestmark = pytest.mark.skipif(missing is not None, reason=missing or "")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(missing is not None, reason=missing or "")]
 
 
 def _env(**settings: str) -> dict[str, str]:

@@ -24,7 +24,7 @@ def train(run_dir: str) -> None:
     from orchestrator.tracking.config import TrackingConfig
     from orchestrator.tracking.session import TrackingSession
     from tests.workers.train_fixture import student_spec
-    from workers.train.stage import run_training
+    from workers.train.driver import run_training
 
     ray.init(log_to_driver=False)
     session = TrackingSession.open(TrackingConfig(uri=f"sqlite:///{run_dir}/mlflow.db", experiment="multinode"),
@@ -51,7 +51,7 @@ def main(run_dir: str) -> None:
 
     from tests.workers.train_fixture import make_preprocess, make_teacher_export
 
-    make_preprocess(run_dir, n_train=512)
+    make_preprocess(run_dir, documents=280)
     make_teacher_export(run_dir)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head runs no train worker
     workers = [cluster.add_node(num_cpus=1)]
@@ -66,7 +66,7 @@ def main(run_dir: str) -> None:
         events: dict = {"late_join_at": time.time()}
         workers.append(cluster.add_node(num_cpus=1))
         events["workers"] = [w.node_id for w in workers]
-        checkpoint = os.path.join(run_dir, "student", "checkpoints", LOSE_AFTER)
+        checkpoint = os.path.join(run_dir, "student", "checkpoints", LOSE_AFTER, "MANIFEST.json")  # committed
         deadline = time.time() + 600
         while not os.path.exists(checkpoint) and driver.poll() is None and time.time() < deadline:
             time.sleep(0.05)

@@ -25,6 +25,8 @@ import requests
 from orchestrator import jobs
 from orchestrator.cli import main as pofa_main
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -242,7 +244,7 @@ def test_local_recipe_file_travels_in_the_entrypoint(tmp_path: Path) -> None:
     """A YAML path on this machine does not exist on the cluster: its text goes in the job's env and the
     entrypoint writes it out before running. Checked by running the entrypoint with a stand-in `python`."""
     recipe = tmp_path / "my recipe.yaml"
-    recipe.write_text((REPO / "orchestrator/recipes/tiny.yaml").read_text() + "# it's $HOME \"quoted\"\n")
+    recipe.write_text((REPO / "orchestrator/builtin_recipes/tiny.yaml").read_text() + "# it's $HOME \"quoted\"\n")
     sub = jobs.build_submission(str(recipe), ["preprocess.num_workers=1"], "/shared/runs/a b", "preprocess")
     assert sub.runtime_env["env_vars"][jobs.RECIPE_ENV] == recipe.read_text()
     assert sub.metadata == {"pofa_recipe": "tiny", "pofa_run_dir": "/shared/runs/a b"}

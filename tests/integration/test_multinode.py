@@ -12,6 +12,8 @@ import pytest
 
 from tests.workers.train_fixture import read_weights
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -17,6 +17,8 @@ from tests.s3_server import BUCKET, S3Server, s3_server
 from tests.workers.train_fixture import read_weights
 from workers.storage import RunStore
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PREFIX = "runs/tiny-on-s3"
 SHORT = ["preprocess.source.max_documents=30", "ray.num_cpus=2",

@@ -8,6 +8,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
+
 SHORT = ["preprocess.source.max_documents=30", "ray.num_cpus=2",
          "teacher.max_steps=30", "teacher.eval_every=15", "teacher.checkpoint_every=15",
          "student.max_steps=40", "student.eval_every=20", "student.checkpoint_every=20",
@@ -51,6 +53,15 @@ def test_report_and_manifests(tiny_run):
     assert "| model | Polarity (gensim) |" in text and "dense task teacher (this run)" in text
     for stage in ("preprocess", "teacher", "student", "finetune", "report"):
         assert json.load(open(run_dir / stage / "manifest.json"))["status"] == "complete"
+
+
+def test_training_honours_the_masking_contract(tiny_run):
+    """The default tiny data (length 128, up to 20 predictions) give BERT's ~15% of MLM targets at
+    every logged step of both pretraining stages."""
+    run_dir, _ = tiny_run
+    for stage in ("teacher", "student"):
+        fractions = [json.loads(line)["data/masked_fraction"] for line in open(run_dir / stage / "metrics.jsonl")]
+        assert fractions and all(0.12 <= f <= 0.16 for f in fractions), (stage, min(fractions), max(fractions))
 
 
 def test_mlflow_parent_nested_runs_and_metrics(tiny_run):

@@ -8,8 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from orchestrator.pipeline import run_pipeline
+from orchestrator.job_graph import run_pipeline
 from orchestrator.recipe.load import load_recipe
+from workers.stage_outputs import PreprocessOutput
+
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
 
 FAST = ["preprocess.source.max_documents=40", "preprocess.documents_per_shard=8"]
 STATS_KEYS = {"documents_train", "documents_validation", "documents_skipped", "sentences", "instances_train",
@@ -31,16 +34,16 @@ def two_workers(ray_local, tmp_path_factory):
 
 def test_outputs_stats_and_layout(two_workers):
     run_dir, manifest = two_workers
-    stats = manifest["stats"]
+    stats = manifest.stats
     assert STATS_KEYS <= set(stats)
     assert stats["documents_train"] + stats["documents_validation"] + stats["documents_skipped"].get(
         "disambiguation", 0) == 40
     assert stats["documents_skipped"]["redirect"] > 0 and stats["instances_validation"] > 0
     assert stats["masked_token_fraction"] is None  # dynamic masking: masks are drawn at batch time
-    assert manifest["fingerprint"] == stats["fingerprint"]
+    assert manifest.fingerprint == stats["fingerprint"]
     tok = AutoTokenizer.from_pretrained(str(run_dir / "preprocess" / "tokenizer"))
     rows = 0
-    for rel in manifest["outputs"]:
+    for rel in manifest.outputs:
         if rel.endswith(".parquet"):
             table = pq.read_table(run_dir / "preprocess" / rel)
             assert table.column_names == ["input_ids", "token_type_ids", "next_sentence_label",
@@ -50,14 +53,19 @@ def test_outputs_stats_and_layout(two_workers):
                 assert max(ids) < len(tok)
             rows += table.num_rows
     assert rows == stats["instances_train"] + stats["instances_validation"]
+    record = PreprocessOutput.model_validate(manifest.output)  # what the training stages read
+    assert record.splits["train"].rows == stats["instances_train"]
+    assert record.splits["validation"].rows == stats["instances_validation"]
+    assert record.masking.kind == "dynamic" and record.masking.max_predictions_per_seq == 20
+    assert record.tokenizer == "preprocess/tokenizer" and record.vocab_size == len(tok)
     assert not [f for f in os.listdir(run_dir / "preprocess" / "train") if f.startswith(".tmp")]
 
 
 def test_same_bytes_with_one_worker_and_on_rerun(two_workers, tmp_path):
     _, manifest2 = two_workers
     manifest1 = _run(tmp_path, ["preprocess.num_workers=1"])["preprocess"]
-    assert manifest1["outputs"] == manifest2["outputs"]  # content hashes, file by file
-    assert manifest1["fingerprint"] == manifest2["fingerprint"]
+    assert manifest1.outputs == manifest2.outputs  # content hashes, file by file
+    assert manifest1.fingerprint == manifest2.fingerprint
 
 
 def test_rerun_skips_then_redoes_what_changed(two_workers):
@@ -65,13 +73,13 @@ def test_rerun_skips_then_redoes_what_changed(two_workers):
     lines = []
     _run(run_dir, ["preprocess.num_workers=2"], lines)
     assert "[preprocess] up to date (manifest matches): skipped" in lines
-    shard = sorted(r for r in manifest["outputs"] if r.startswith("train/"))[0]
+    shard = sorted(r for r in manifest.outputs if r.startswith("train/"))[0]
     os.unlink(run_dir / "preprocess" / shard)
     os.unlink(run_dir / "preprocess" / ".shards" / (shard.split("shard-")[1][:-8] + ".json"))
     lines.clear()
     redone = _run(run_dir, ["preprocess.num_workers=2"], lines)["preprocess"]
     assert f"[preprocess] running (output {shard} is missing)" in lines
-    assert redone["outputs"] == manifest["outputs"]  # only that shard was redone, byte for byte
+    assert redone.outputs == manifest.outputs  # only that shard was redone, byte for byte
 
 
 def test_static_masking_and_changed_recipe_redoes_stage(ray_local, tmp_path):
@@ -79,8 +87,8 @@ def test_static_masking_and_changed_recipe_redoes_stage(ray_local, tmp_path):
     _run(tmp_path, [], lines)
     m = _run(tmp_path, ["preprocess.masking=static", "preprocess.dupe_factor=2"], lines)["preprocess"]
     assert "[preprocess] running (its recipe section or inputs changed)" in lines
-    assert abs(m["stats"]["masked_token_fraction"] - 0.15) < 0.02
-    table = pq.read_table(tmp_path / "preprocess" / sorted(r for r in m["outputs"] if r.startswith("train/"))[0])
+    assert abs(m.stats["masked_token_fraction"] - 0.15) < 0.02
+    table = pq.read_table(tmp_path / "preprocess" / sorted(r for r in m.outputs if r.startswith("train/"))[0])
     row = table.slice(0, 1).to_pylist()[0]
     assert len(row["masked_lm_positions"]) == len(row["masked_lm_ids"]) > 0
 
@@ -105,11 +113,11 @@ def test_local_hf_dataset_source(ray_local, tmp_path):
     by_name = _run(tmp_path / "b", ["preprocess.source.kind=hf_dataset", "preprocess.source.path=null",
                                     f"preprocess.source.name={folder}", *common])
     for m in (by_path["preprocess"], by_name["preprocess"]):
-        s = m["stats"]
+        s = m.stats
         assert s["documents_train"] + s["documents_validation"] == 60
         assert s["instances_train"] > 0
     # Same documents, same ids: the same split.
-    assert by_path["preprocess"]["stats"]["documents_validation"] == by_name["preprocess"]["stats"][
+    assert by_path["preprocess"].stats["documents_validation"] == by_name["preprocess"].stats[
         "documents_validation"]
 
 

@@ -11,6 +11,8 @@ from orchestrator.rundir import RunDir, RunDirError
 from tests.s3_server import S3Server
 from workers.storage import RunStore
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
+
 
 @pytest.fixture
 def store(s3: S3Server, tmp_path, monkeypatch, request) -> RunStore:

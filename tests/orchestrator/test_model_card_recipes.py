@@ -140,7 +140,7 @@ def test_published_table_matches_recipes(recipes):
 
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_every_value_line_cites_a_source(name):
-    text = (resources.files("orchestrator.recipes") / f"{name}.yaml").read_text()
+    text = (resources.files("orchestrator.builtin_recipes") / f"{name}.yaml").read_text()
     for line in text.splitlines():
         code = line.split("#", 1)[0].rstrip()
         if code and not code.endswith(":"):  # a value, not a section header

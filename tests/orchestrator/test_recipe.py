@@ -54,7 +54,7 @@ def test_set_reaches_list_items():
 
 
 def test_yaml_file_recipe_and_validate_cli(tmp_path):
-    doc = yaml.safe_load(open(load_recipe.__globals__["resources"].files("orchestrator.recipes") / "tiny.yaml"))
+    doc = yaml.safe_load(open(load_recipe.__globals__["resources"].files("orchestrator.builtin_recipes") / "tiny.yaml"))
     doc["name"] = "mine"
     doc["preprocess"]["num_workers"] = 1
     path = tmp_path / "mine.yaml"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from workers.run_layout import RunLayout
 from orchestrator.tracking import TrackingConfig, flatten_params, mlflow_ui_command, resolve_store
 from orchestrator.tracking.params import MAX_KEY_LENGTH, MAX_VALUE_LENGTH
 from orchestrator.tracking.registry import RunRegistry
@@ -52,16 +53,16 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
 def test_store_resolution_order(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    default = resolve_store(TrackingConfig(), tmp_path / "run")
+    default = resolve_store(TrackingConfig(), RunLayout.open(str(tmp_path / "run")))
     assert default.uri == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
     # Artifacts next to the database, never ./mlruns of the current directory.
     assert default.artifact_location == (tmp_path / "run" / "mlartifacts").as_uri()
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
-    from_env = resolve_store(TrackingConfig(), tmp_path)
+    from_env = resolve_store(TrackingConfig(), RunLayout.open(str(tmp_path)))
     assert (from_env.uri, from_env.artifact_location) == ("http://tracking.example:5000", None)
 
-    explicit = resolve_store(TrackingConfig(uri="http://other:80"), tmp_path)
+    explicit = resolve_store(TrackingConfig(uri="http://other:80"), RunLayout.open(str(tmp_path)))
     assert explicit.uri == "http://other:80"
 
 
@@ -76,4 +77,4 @@ def test_ui_command_and_console_hint(tmp_path):
 def test_corrupt_registry_names_the_file(tmp_path):
     (tmp_path / "tracking.json").write_text("{not json")
     with pytest.raises(ValueError, match="tracking.json"):
-        RunRegistry.load(tmp_path)
+        RunRegistry.load(tmp_path / "tracking.json")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from workers.run_layout import RunLayout
 from orchestrator.tracking import (
     TrackingConfig,
     TrackingSession,
@@ -21,6 +22,8 @@ from orchestrator.tracking import (
     check_reachable,
     check_tracking,
 )
+
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
@@ -143,14 +146,14 @@ def test_unreachable_server_fails_fast_with_a_clear_error(tmp_path):
         TrackingSession.open(TrackingConfig(uri=f"http://127.0.0.1:{port}"), tmp_path / "run")
     # A blackholed address (TEST-NET-1, never routed) must time out rather than hang.
     with pytest.raises(TrackingUnreachableError, match="192.0.2.1"):
-        check_tracking(TrackingConfig(uri="http://192.0.2.1:5000", connect_timeout_s=1.0), tmp_path)
+        check_tracking(TrackingConfig(uri="http://192.0.2.1:5000", connect_timeout_s=1.0), RunLayout.open(str(tmp_path)))
     assert time.monotonic() - started < 20
     assert not (tmp_path / "run" / "tracking.json").exists()
 
 
 def test_preflight_accepts_a_live_server_and_skips_disabled_tracking(server, tmp_path):
-    assert check_tracking(TrackingConfig(uri=server.uri), tmp_path) == server.uri
-    assert check_tracking(TrackingConfig(enabled=False, uri="http://127.0.0.1:9"), tmp_path) is None
+    assert check_tracking(TrackingConfig(uri=server.uri), RunLayout.open(str(tmp_path))) == server.uri
+    assert check_tracking(TrackingConfig(enabled=False, uri="http://127.0.0.1:9"), RunLayout.open(str(tmp_path))) is None
 
 
 def test_http_server_that_is_not_mlflow_is_named(tmp_path):

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
+
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 # (name, zero stage, precision): "bf16" = bf16 params and grads; "bf16_fp32acc" = bf16 params with

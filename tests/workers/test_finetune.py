@@ -22,7 +22,10 @@ from pipelines.sparsity.config import PruningConfig, ScheduleConfig
 from pipelines.sparsity.masks import compute_masks
 from pipelines.sparsity.report import prunable_weights
 from tests.conftest import GENSIM_POLARITY
+from workers.run_layout import RunLayout
 from workers.train.spec import FaultInjection
+
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
 
 PRUNING = PruningConfig(schedule=ScheduleConfig(final_sparsity=0.9))
 
@@ -63,13 +66,13 @@ def _zero_pattern(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n.split(".", 1)[1]: (w == 0) for n, w in prunable_weights(model, PRUNING).items()}
 
 
-def _spec(task: TaskConfig, role: str, work: str, data: str, init: str, **kw):
+def _spec(task: TaskConfig, role: str, run_name: str, layout: RunLayout, init: str, **kw):
     from workers.finetune.spec import FinetuneSpec
 
     train_rows = kw.pop("train_rows")
     base = FinetuneTrainConfig(num_workers=2, zero_stage=2, checkpoint_every=2, keep_checkpoints=2,
                                max_failures=kw.pop("max_failures", 0))
-    return FinetuneSpec(task=task, role=role, work_dir=work, data_dir=data, init_model=init,
+    return FinetuneSpec(task=task, role=role, layout=layout, run_name=run_name, init_model=init,
                         train=task_train_config(base, task, train_rows, role), seed=7, progress=False, **kw)
 
 
@@ -79,8 +82,8 @@ def test_sentiment_locked_student_with_kd_and_resume(ray_local, models, tmp_path
 
     task = TaskConfig(name="polarity", data=TaskData(path=GENSIM_POLARITY), max_seq_length=48, epochs=1,
                       learning_rate=2e-3, global_batch_size=16, micro_batch_size=8)
-    data = str(tmp_path / "data")
-    stats = prepare_task(task, models["student"], data)
+    layout = RunLayout.open(str(tmp_path / "run"))
+    stats = prepare_task(task, models["student"], layout.task_data(task.name))
     assert stats["train"]["examples"] == 160 and stats["validation"]["examples"] == 40
     n = stats["train"]["features"]
 
@@ -88,23 +91,28 @@ def test_sentiment_locked_student_with_kd_and_resume(ray_local, models, tmp_path
     # tests/integration/test_pipeline_tiny.py covers that run)
     teacher_dir = str(tmp_path / "task-teacher")
     AutoModelForSequenceClassification.from_pretrained(models["teacher"], num_labels=2).save_pretrained(teacher_dir)
-    assert _spec(task, "teacher", str(tmp_path / "t"), data, models["teacher"], train_rows=n).pruning is None
+    assert _spec(task, "teacher", "teacher", layout, models["teacher"], train_rows=n).pruning is None
 
-    student = _spec(task, "student", str(tmp_path / "seed-7"), data, models["student"], train_rows=n,
+    student = _spec(task, "student", "seed-7", layout, models["student"], train_rows=n,
                     teacher_dir=teacher_dir, max_failures=1,
                     fault=FaultInjection(step=3, marker=str(tmp_path / "fault")))
     result = run_finetune(student, echo=False)
     assert result.final_step == student.train.max_steps == 10  # 160 rows / 16 per step, one epoch
     assert result.start_steps == [0, 2]  # the injected failure at step 3 resumed from the step-2 checkpoint
     assert {"loss/hard", "loss/kd", "eval/accuracy"} <= set(result.metrics)
+    with open(student.run.metrics) as f:
+        logged = [json.loads(line) for line in f]
+    assert all(r["data/masked_fraction"] == 0.0 for r in logged)  # no MLM in fine-tuning, and it says so
+    evaluated = [r for r in logged if "sparsity/target" in r]
+    assert evaluated and all(abs(r["sparsity/target"] - 0.9) < 1e-3 for r in evaluated)  # the locked level, not 0
 
-    tuned = AutoModelForSequenceClassification.from_pretrained(student.model_dir)
+    tuned = AutoModelForSequenceClassification.from_pretrained(student.run.model)
     before = _zero_pattern(AutoModelForPreTraining.from_pretrained(models["student"]))
     after = _zero_pattern(tuned)
     assert before.keys() == after.keys() and len(after) == 2 * 6 + 1  # 6 Linear per layer + pooler
     for name in before:
         assert torch.equal(before[name], after[name]), f"{name}: zero pattern changed"
-    with open(os.path.join(student.model_dir, "sparsity.json")) as f:
+    with open(os.path.join(student.run.model, "sparsity.json")) as f:
         assert abs(json.load(f)["global_sparsity"] - 0.9) < 1e-3
     assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if n.startswith("classifier."))
 
@@ -114,13 +122,12 @@ def test_a_teacher_with_another_vocabulary_or_label_count_is_refused(models, tmp
     from workers.finetune.run import finetune_preflight
 
     task = TaskConfig(name="polarity", max_seq_length=48, global_batch_size=16, micro_batch_size=8)
-    data = str(tmp_path / "data")
-    n = prepare_task(task, models["student"], data)["train"]["features"]
+    layout = RunLayout.open(str(tmp_path / "run"))
+    n = prepare_task(task, models["student"], layout.task_data(task.name))["train"]["features"]
     other = str(tmp_path / "other")
     train_wordpiece(["completely different words here"] * 5, vocab_size=60, lowercase=True, out_dir=other,
                     model_max_length=64)
-    spec = _spec(task, "student", str(tmp_path / "seed-7"), data, models["student"], train_rows=n,
-                 teacher_dir=other)
+    spec = _spec(task, "student", "seed-7", layout, models["student"], train_rows=n, teacher_dir=other)
     with pytest.raises(ValueError, match="another vocabulary"):
         finetune_preflight(spec)
     three = str(tmp_path / "three-labels")  # a teacher fine-tuned on another task
@@ -156,22 +163,22 @@ def test_extractive_qa_windows_and_exports_a_locked_qa_model(ray_local, models, 
                                                           "validation": str(tmp_path / "dev.jsonl")}),
                       max_seq_length=48, doc_stride=16, max_query_length=16, epochs=1, learning_rate=2e-3,
                       global_batch_size=16, micro_batch_size=8)
-    data = str(tmp_path / "data")
-    stats = prepare_task(task, models["student"], data)
+    layout = RunLayout.open(str(tmp_path / "run"))
+    stats = prepare_task(task, models["student"], layout.task_data(task.name))
     assert stats["train"]["windowed_examples"] > 0  # contexts longer than one window were split, not dropped
-    spec = _spec(task, "student", str(tmp_path / "seed-7"), data, models["student"],
+    spec = _spec(task, "student", "seed-7", layout, models["student"],
                  train_rows=stats["train"]["features"], qat=True)
     result = run_finetune(spec, echo=False)
     assert 0.0 <= result.metrics["eval/exact_match"] <= result.metrics["eval/f1"] <= 100.0
-    with open(spec.summary_path) as f:
+    with open(spec.run.summary) as f:
         quant = json.load(f)["quantization"]
     assert quant["quantized_layers"] == 12 and quant["pattern_zeros_kept"] == quant["pattern_zeros"] > 0
     assert quant["int8_bytes"] < quant["fp32_bytes"] and quant["quantized_weight_sparsity"] >= 0.9 - 1e-3
-    dequant = load_int8(spec.model_dir)
-    tuned_state = AutoModelForQuestionAnswering.from_pretrained(spec.model_dir).state_dict()
+    dequant = load_int8(spec.run.model)
+    tuned_state = AutoModelForQuestionAnswering.from_pretrained(spec.run.model).state_dict()
     name = "bert.encoder.layer.0.attention.self.query.weight"
     assert torch.equal(dequant[name] == 0, tuned_state[name] == 0)  # int8 zeros are exactly the pattern
-    tuned = AutoModelForQuestionAnswering.from_pretrained(spec.model_dir)
+    tuned = AutoModelForQuestionAnswering.from_pretrained(spec.run.model)
     before = _zero_pattern(AutoModelForPreTraining.from_pretrained(models["student"]))
     after = _zero_pattern(tuned)
     assert len(after) == 2 * 6 and set(after) < set(before)  # the QA model has no pooler

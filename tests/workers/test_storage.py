@@ -1,5 +1,5 @@
 """Run directories on an object store, against a real S3-compatible server (moto, IAM enforced):
-mirror sync, refused writes, and checkpoints committed by their manifest."""
+mirror sync, refused writes, and the checkpointer committing, fetching and setting aside there."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,13 @@ import pytest
 import torch
 
 from tests.s3_server import S3Server
+from tests.workers.test_train_checkpoint import Trainer
+from workers.run_layout import RunLayout
 from workers.storage import RunStore, StorageError, mirror_for
-from workers.train import checkpoint as ckpt
-from workers.train import stored_checkpoint as stored
+from workers.train.checkpoint_parts import DS_TAG
+from workers.train.checkpointer import CORRUPT, FORMAT, MANIFEST, CheckpointError, file_owner
+
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
 
 
 @pytest.fixture
@@ -76,81 +80,64 @@ def test_a_store_that_refuses_writes_fails_clearly_and_keeps_nothing(s3, store, 
     assert store.listing() == {}
 
 
-def _stage_rank(folder: str, rank: int) -> dict[str, int]:
-    os.makedirs(os.path.join(folder, ckpt.DS_TAG))
-    torch.save({"w": torch.full((64,), float(rank))},
-               os.path.join(folder, ckpt.DS_TAG, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
-    _write(os.path.join(folder, f"rank-{rank}.json"), json.dumps({"rank": rank}).encode())
-    if rank == 0:
-        torch.save({"model": torch.ones(8)}, os.path.join(folder, ckpt.DS_TAG, "mp_rank_00_model_states.pt"))
-        _write(os.path.join(folder, "latest"), ckpt.DS_TAG.encode())
-        _write(os.path.join(folder, ckpt.TRAINER_STATE), b'{"step": 1}')
-    return stored.staged_files(folder)
+def _layout(store: RunStore, node: str) -> RunLayout:
+    """The same stored run seen from a node with its own (possibly empty) mirror."""
+    return RunLayout(RunStore(store.uri, os.path.realpath(store.local + "-" + node)))
 
 
-def _save(store: RunStore, step: int, world: int = 2) -> str:
-    rel = f"student/checkpoints/{ckpt.step_dir_name(step)}"
-    reported = []
-    for rank in range(world):
-        staging = store.local_path(f"student/checkpoints/.tmp-{step}.rank-{rank}")
-        files = _stage_rank(staging, rank)
-        stored.upload(store, staging, rel, files)
-        reported.append(files)
-    assert stored.commit(store, rel, step, world, reported) is None
-    return rel
-
-
-def test_checkpoints_commit_last_fetch_one_rank_share_and_set_aside_corruption(store, tmp_path) -> None:
-    root = "student/checkpoints"
-    # a step whose ranks did not all upload is never committed
-    staging = store.local_path("student/checkpoints/.tmp-1.rank-0")
-    files = _stage_rank(staging, 0)
-    stored.upload(store, staging, f"{root}/{ckpt.step_dir_name(1)}", files)
-    assert "rank-1.json" in stored.commit(store, f"{root}/{ckpt.step_dir_name(1)}", 1, 2, [files])
-    assert stored.committed(store, root) == []
-
+def test_checkpoints_commit_last_fetch_from_another_node_and_set_aside_corruption(store) -> None:
+    layout = _layout(store, "a")
+    trainer = Trainer(layout, keep=2)
     for step in (2, 4, 6):
-        _save(store, step)
-    stored.prune(store, root, keep=2)
-    assert [s for s, _ in stored.committed(store, root)] == [6, 4]
+        while trainer.step < step:
+            trainer.train_step()
+        trainer.checkpointer.save(step)
+    root = "student/checkpoints"
+    assert [s for s, _ in trainer.checkpointer.committed()] == [6, 4]
     assert not any(n.startswith("step-00000002/") for n in store.listing(root))
-
-    newest = stored.committed(store, root)[0][1]
-    assert stored.verify_stored(store, newest) is None
-    dest = str(tmp_path / "restore-rank-1")
-    assert stored.fetch(store, newest, 1, dest) is None
-    got = {os.path.relpath(os.path.join(b, n), dest) for b, _, ns in os.walk(dest) for n in ns}
-    assert "rank-1.json" in got and "rank-0.json" not in got
-    assert f"{ckpt.DS_TAG}/mp_rank_00_model_states.pt" in got
-    assert not any("zero_pp_rank_0_" in g for g in got)
-
-    # same size, broken bytes: only reading it back finds it; the checkpoint is then un-committed
-    shard = f"{newest}/{ckpt.DS_TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    size = store.listing(newest)[f"{ckpt.DS_TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt"][0]
-    _write(str(tmp_path / "broken.pt"), b"\0" * size)
-    store.upload(shard, str(tmp_path / "broken.pt"))
-    assert stored.verify_stored(store, newest) is None
-    problem = stored.fetch(store, newest, 1, dest)
-    assert problem and "zero_pp_rank_1" in problem
+    assert not os.path.exists(layout.training("student").checkpoint_step(6))  # staged, uploaded, gone locally
+    # another node, an empty mirror: restores from the store
     warnings: list[str] = []
-    stored.set_aside(store, newest, problem, warnings.append)
-    assert [s for s, _ in stored.committed(store, root)] == [4] and warnings
-    assert "CORRUPT.json" in {os.path.basename(n) for n in store.listing(newest)}
+    other = Trainer(_layout(store, "b"), warn=warnings.append)
+    assert other.checkpointer.restore()[0] == 6 and other.step == 6 and not warnings
+    # same size, broken bytes in the store: only the sha256 check finds it; un-committed, not deleted
+    shard = f"{root}/step-00000006/{DS_TAG}/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    size = store.listing(root)[shard[len(root) + 1:]][0]
+    _write(store.local + "-broken.pt", b"\0" * size)
+    store.upload(shard, store.local + "-broken.pt")
+    third = Trainer(_layout(store, "c"), warn=warnings.append)
+    assert third.checkpointer.restore()[0] == 4
+    assert "sha256" in warnings[0]
+    assert not store.listing(f"{root}/step-00000006")  # moved aside in the store, files and all
+    aside = {n.split("/")[0] for n in store.listing(root) if n.startswith("corrupt-step-00000006-")}
+    assert len(aside) == 1
+    names = store.listing(f"{root}/{aside.pop()}")
+    assert CORRUPT in names and MANIFEST not in names and f"{DS_TAG}/zero_pp_rank_0_mp_rank_00_optim_states.pt" in names
+
+
+def test_a_rank_fetches_the_shared_files_and_only_its_own() -> None:
+    files = ["train_state.json", "pruning.safetensors", "rank-0.data.json", "rank-1.rng.safetensors",
+             f"{DS_TAG}/mp_rank_00_model_states.pt", f"{DS_TAG}/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             f"{DS_TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    mine = [f for f in files if file_owner(f) in (None, 1)]
+    assert mine == ["train_state.json", "pruning.safetensors", "rank-1.rng.safetensors",
+                    f"{DS_TAG}/mp_rank_00_model_states.pt", f"{DS_TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
 
 def test_a_checkpoint_the_store_refuses_is_never_committed(s3, store, monkeypatch) -> None:
-    """Writes revoked mid-run: the upload fails naming the store, and the last committed step stays
+    """Writes revoked mid-run: the save fails naming the store, and the last committed step stays
     the newest, so the rerun with fixed credentials resumes from it."""
-    root = "student/checkpoints"
-    _save(store, 2)
+    layout = _layout(store, "a")
+    trainer = Trainer(layout)
+    trainer.train_step()
+    trainer.checkpointer.save(1)
     for name, value in s3.env(s3.read_only).items():
         monkeypatch.setenv(name, value)
-    staging = store.local_path("student/checkpoints/.tmp-4.rank-0")
-    files = _stage_rank(staging, 0)
-    with pytest.raises(StorageError, match="refused") as err:
-        stored.upload(store, staging, f"{root}/{ckpt.step_dir_name(4)}", files)
-    assert f"{store.display}/{root}/step-00000004/" in str(err.value)
-    assert [s for s, _ in stored.committed(store, root)] == [2]
+    trainer.train_step()
+    with pytest.raises(CheckpointError, match="refused") as err:
+        trainer.checkpointer.save(2)
+    assert f"{store.display}/student/checkpoints/step-00000002" in str(err.value)
+    assert [s for s, _ in trainer.checkpointer.committed()] == [1]
 
 
 def test_resuming_with_another_worker_count_is_refused_before_training(store) -> None:
@@ -158,9 +145,10 @@ def test_resuming_with_another_worker_count_is_refused_before_training(store) ->
 
     from workers.train.preflight import check_checkpoint_world
 
-    _save(store, 2, world=2)
-    spec = SimpleNamespace(store=store, checkpoint_dir=store.local_path("student/checkpoints"),
-                           train=SimpleNamespace(num_workers=1))
+    layout = _layout(store, "a")
+    layout.store.write_json("student/checkpoints/step-00000002/MANIFEST.json",
+                            {"format": FORMAT, "step": 2, "world_size": 2, "files": {}})
+    spec = SimpleNamespace(layout=layout, run=layout.training("student"), train=SimpleNamespace(num_workers=1))
     with pytest.raises(ValueError, match="written by 2 workers.*num_workers=2"):
         check_checkpoint_world(spec)
     spec.train.num_workers = 2

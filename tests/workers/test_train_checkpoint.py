@@ -1,96 +1,234 @@
-"""Checkpoint folders: manifest, verification, fallback from a broken newest one, retention,
-and state files that load without unpickling."""
+"""The checkpointer on local disk, without DeepSpeed: named parts that round-trip through
+state_dict -> files -> load_state_dict and continue identically (at world size 1 and 2), commit by
+manifest, sha256 checks before anything is unpickled, fallback from a broken newest checkpoint,
+retention, and checkpoints of another pofa version refused."""
 from __future__ import annotations
 
+import json
 import os
 import random
+import socket
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors import safe_open
 
-from tests.workers.train_fixture import fake_checkpoint
-from workers.train import checkpoint as ckpt
-from workers.train import state as st
+from pipelines.sparsity.callback import PruningCallback
+from pipelines.sparsity.config import PruningConfig, ScheduleConfig
+from pipelines.training.schedule import linear_lr
+from workers.run_layout import RunLayout
+from workers.train.checkpoint_parts import DS_TAG, LRPosition, RNGState, ValuePart
+from workers.train.checkpointer import CORRUPT, MANIFEST, Checkpointer, CheckpointError
 from workers.train.data import DataCursor
 
 
-def test_newest_valid_checkpoint_is_chosen(tmp_path):
-    root = str(tmp_path)
-    for step in (2, 4, 6):
-        fake_checkpoint(root, step)
-    assert [s for s, _ in ckpt.list_checkpoints(root)] == [6, 4, 2]
-    assert ckpt.latest_valid_checkpoint(root)[0] == 6
+class FileEngine:
+    """Stands in for the DeepSpeed engine part: a torch zip per rank, as ZeRO writes them."""
+
+    def __init__(self, rank: int, value: float = 0.0) -> None:
+        self.rank, self.value = rank, value
+
+    def save(self, folder: str, step: int) -> None:
+        os.makedirs(os.path.join(folder, DS_TAG), exist_ok=True)
+        torch.save({"w": torch.full((256,), self.value + self.rank)},
+                   os.path.join(folder, DS_TAG, f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"))
+        if self.rank == 0:
+            torch.save({"model": torch.ones(8)}, os.path.join(folder, DS_TAG, "mp_rank_00_model_states.pt"))
+
+    def load(self, folder: str) -> None:
+        self.value = float(torch.load(os.path.join(folder, DS_TAG, f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"))
+                           ["w"][0]) - self.rank
 
 
-def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path):
-    root = str(tmp_path)
-    fake_checkpoint(root, 2)
-    newest = fake_checkpoint(root, 4)
-    shard = os.path.join(newest, ckpt.DS_TAG, "zero_pp_rank_1_optim_states.pt")
+class Trainer:
+    """A toy training state with every kind of part a worker has: step and global batch, LR position,
+    pruning masks and schedule, data cursor and RNG."""
+
+    def __init__(self, layout: RunLayout, rank: int = 0, world: int = 1, keep: int = 2,
+                 warn: Callable[[str], None] = lambda _: None) -> None:
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+        cfg = PruningConfig(schedule=ScheduleConfig(policy_begin_step=0, policy_end_step=4, begin_pruning_step=0,
+                                                    end_pruning_step=4, pruning_frequency=2, final_sparsity=0.8),
+                            include=[r"weight$"], exclude=[])
+        self.pruning = PruningCallback(self.model, cfg)
+        self.step, self.cursor = 0, DataCursor()
+        self.lr_fn = lambda s: linear_lr(s, base_lr=1e-3, total_steps=10, warmup_ratio=0.1)
+        self.engine = FileEngine(rank)
+        self.checkpointer = Checkpointer(
+            layout, layout.training("student"), rank, world, keep, engine=self.engine,
+            parts={"model": ValuePart(lambda: dict(self.model.state_dict()), self.model.load_state_dict),
+                   "train_state": ValuePart(lambda: {"step": self.step, "global_batch_size": 8},
+                                            lambda s: setattr(self, "step", int(s["step"]))),
+                   "lr": LRPosition(lambda s: self.lr_fn(s), lambda: self.step), "pruning": self.pruning},
+            rank_parts={"data": ValuePart(lambda: self.cursor.to_dict(),
+                                          lambda s: setattr(self, "cursor", DataCursor(**s))),
+                        "rng": RNGState()},
+            warn=warn)
+
+    def train_step(self) -> tuple:
+        """What the next step draws and computes: RNG draws, masks, LR, the data position."""
+        self.pruning.on_step_begin(self.step)
+        draws = (torch.rand(3).tolist(), random.random(), float(np.random.rand()))
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        self.pruning.on_step_end(self.step)
+        out = (self.step, draws, self.lr_fn(self.step), self.cursor, {k: v.clone() for k, v in self.pruning.masks.items()})
+        self.step += 1
+        self.cursor = DataCursor(self.cursor.epoch, self.cursor.position + 8)
+        self.engine.value += 1.0
+        return out
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[:4] == b[:4] and a[4].keys() == b[4].keys() and all(torch.equal(a[4][k], b[4][k]) for k in a[4])
+
+
+def _train(layout: RunLayout, rank: int, world: int) -> tuple[list[tuple], list[tuple], Trainer]:
+    """3 steps, a checkpoint, 3 more (the reference); then a fresh trainer restores and redoes them."""
+    first = Trainer(layout, rank, world)
+    for _ in range(3):
+        first.train_step()
+    first.checkpointer.save(first.step)
+    reference = [first.train_step() for _ in range(3)]
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # a new process starts elsewhere
+    second = Trainer(layout, rank, world)
+    restored = second.checkpointer.restore()
+    assert restored is not None and restored[0] == 3
+    assert second.engine.value == 3.0
+    return reference, [second.train_step() for _ in range(3)], second
+
+
+def test_every_part_round_trips_and_continues_identically(tmp_path) -> None:
+    reference, resumed, second = _train(RunLayout.open(str(tmp_path)), 0, 1)
+    assert all(_same(a, b) for a, b in zip(reference, resumed))
+    assert second.pruning.last_update_step == 4 and second.pruning.masks  # the schedule went on from where it was
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, root: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        reference, resumed, _ = _train(RunLayout.open(root), rank, world)
+        ok = all(_same(a, b) for a, b in zip(reference, resumed))
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"ok": ok}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_save_their_own_parts_and_restore_them(tmp_path) -> None:
+    root, out = str(tmp_path / "run"), str(tmp_path / "result")
+    mp.spawn(_rank_main, args=(2, _free_port(), root, out), nprocs=2, join=True)
+    assert all(json.load(open(f"{out}.{r}"))["ok"] for r in range(2))
+    layout = RunLayout.open(root)
+    step = layout.training("student").checkpoint_step(3)
+    manifest = json.load(open(os.path.join(step, MANIFEST)))
+    assert manifest["world_size"] == 2 and manifest["parts"] == ["lr", "model", "pruning", "train_state"]
+    files = set(manifest["files"])
+    assert {"rank-0.data.json", "rank-1.data.json", "rank-0.rng.json", "rank-1.rng.safetensors"} <= files
+    assert {f"{DS_TAG}/zero_pp_rank_0_mp_rank_00_optim_states.pt", f"{DS_TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+    assert all(len(info["sha256"]) == 64 for info in manifest["files"].values())
+    with safe_open(os.path.join(step, "pruning.safetensors"), framework="pt") as f:  # tensors without pickle
+        assert all(k.startswith("masks/") for k in f.keys())
+
+
+def _saved(layout: RunLayout, steps: list[int], keep: int = 10, warn: Optional[list] = None) -> Trainer:
+    trainer = Trainer(layout, keep=keep, warn=(warn.append if warn is not None else lambda _: None))
+    for step in steps:
+        while trainer.step < step:
+            trainer.train_step()
+        trainer.checkpointer.save(trainer.step)
+    return trainer
+
+
+def test_retention_keeps_the_newest_committed(tmp_path) -> None:
+    layout = RunLayout.open(str(tmp_path))
+    trainer = _saved(layout, [1, 2, 3, 4], keep=2)
+    assert [s for s, _ in trainer.checkpointer.committed()] == [4, 3]
+    names = os.listdir(layout.training("student").checkpoints)
+    assert sorted(names) == ["step-00000003", "step-00000004"]  # no staging folder left behind
+
+
+def _shard(layout: RunLayout, step: int) -> str:
+    return os.path.join(layout.training("student").checkpoint_step(step), DS_TAG,
+                        "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+
+def test_a_broken_newest_checkpoint_is_set_aside_and_the_previous_used(tmp_path) -> None:
+    layout = RunLayout.open(str(tmp_path))
+    _saved(layout, [2, 4])
+    shard = _shard(layout, 4)
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     warnings: list[str] = []
-    step, path = ckpt.latest_valid_checkpoint(root, warn=warnings.append)
-    assert step == 2 and path.endswith(ckpt.step_dir_name(2))
-    assert len(warnings) == 1 and "zero_pp_rank_1" in warnings[0]
-    assert not os.path.exists(newest)  # set aside, not deleted
-    assert any(name.startswith("corrupt-step-00000004") for name in os.listdir(root))
+    fresh = Trainer(layout, warn=warnings.append)
+    assert fresh.checkpointer.restore()[0] == 2
+    assert len(warnings) == 1 and "zero_pp_rank_0" in warnings[0]
+    run = layout.training("student")
+    aside = [n for n in os.listdir(run.checkpoints) if n.startswith("corrupt-step-00000004-")]
+    # un-committed and moved aside, not deleted: the files stay, CORRUPT.json holds the manifest to undo it
+    assert len(aside) == 1 and not os.path.exists(run.checkpoint_step(4))
+    folder = os.path.join(run.checkpoints, aside[0])
+    assert not os.path.exists(os.path.join(folder, MANIFEST))
+    assert os.path.exists(os.path.join(folder, DS_TAG, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    assert json.load(open(os.path.join(folder, CORRUPT)))["manifest"]["step"] == 4
+    # writing step 4 again (the resumed run reaching it) leaves the set-aside copy alone
+    fresh.train_step(), fresh.train_step()
+    fresh.checkpointer.save(fresh.step)
+    assert aside[0] in os.listdir(run.checkpoints) and [s for s, _ in fresh.checkpointer.committed()] == [4, 2]
 
 
-def test_same_size_corruption_is_caught_by_the_zip_checksums(tmp_path):
-    path = fake_checkpoint(str(tmp_path), 2)
-    shard = os.path.join(path, ckpt.DS_TAG, "zero_pp_rank_0_optim_states.pt")
+def test_same_size_corruption_is_caught_before_unpickling(tmp_path) -> None:
+    layout = RunLayout.open(str(tmp_path))
+    _saved(layout, [2, 4])
+    shard = _shard(layout, 4)
     data = bytearray(open(shard, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(shard, "wb").write(bytes(data))
-    assert "zero_pp_rank_0" in (ckpt.verify_checkpoint(path) or "")
+    warnings: list[str] = []
+    assert Trainer(layout, warn=warnings.append).checkpointer.restore()[0] == 2
+    assert "sha256" in warnings[0]
 
 
-def test_half_written_checkpoints_are_never_candidates(tmp_path):
-    root = str(tmp_path)
-    fake_checkpoint(root, 2)
-    os.makedirs(os.path.join(root, ckpt.tmp_dir_name(4)))  # crash before the rename
-    no_manifest = fake_checkpoint(root, 6)
-    os.remove(os.path.join(no_manifest, ckpt.MANIFEST))  # crash before the manifest
-    missing_rank = fake_checkpoint(root, 8)
-    os.remove(os.path.join(missing_rank, "rank-1.json"))
-    assert "rank-1.json" in ckpt.verify_checkpoint(missing_rank)
-    assert "MANIFEST" in ckpt.verify_checkpoint(no_manifest)
-    assert ckpt.latest_valid_checkpoint(root, warn=lambda _: None)[0] == 2
+def test_half_written_checkpoints_are_never_candidates(tmp_path) -> None:
+    layout = RunLayout.open(str(tmp_path))
+    trainer = _saved(layout, [2, 6])
+    run = layout.training("student")
+    os.makedirs(os.path.join(run.checkpoints, ".tmp-step-00000008.rank-0"))  # a crash while staging
+    os.remove(os.path.join(run.checkpoint_step(6), MANIFEST))  # a crash before the commit
+    assert [s for s, _ in trainer.checkpointer.committed()] == [2]
+    assert Trainer(layout).checkpointer.restore()[0] == 2
 
 
-def test_retention_keeps_the_newest(tmp_path):
-    root = str(tmp_path)
-    for step in (2, 4, 6, 8):
-        fake_checkpoint(root, step)
-    removed = ckpt.prune_checkpoints(root, keep=2)
-    assert sorted(os.path.basename(p) for p in removed) == [ckpt.step_dir_name(2), ckpt.step_dir_name(4)]
-    assert [s for s, _ in ckpt.list_checkpoints(root)] == [8, 6]
+def test_a_checkpoint_from_another_version_is_refused_not_set_aside(tmp_path) -> None:
+    layout = RunLayout.open(str(tmp_path))
+    _saved(layout, [2])
+    path = os.path.join(layout.training("student").checkpoint_step(2), MANIFEST)
+    manifest = json.load(open(path))
+    manifest["format"] = 1
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(CheckpointError, match="another pofa version"):
+        Trainer(layout).checkpointer.restore()
+    assert os.path.exists(path)
 
 
-def test_rng_and_cursor_round_trip_per_rank(tmp_path):
-    torch.manual_seed(1), random.seed(2), np.random.seed(3)
-    st.save_rank_state(str(tmp_path), 1, 2, 5, DataCursor(3, 40))
-    expected = (torch.rand(3), random.random(), np.random.rand())
-    torch.manual_seed(9), random.seed(9), np.random.seed(9)
-    cursor = st.load_rank_state(str(tmp_path), 1, 2)
-    assert cursor == DataCursor(3, 40)
-    got = (torch.rand(3), random.random(), np.random.rand())
-    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
-    with pytest.raises(ValueError, match="num_workers=2"):
-        st.load_rank_state(str(tmp_path), 1, 4)
+def test_a_changed_lr_schedule_is_named(tmp_path) -> None:
+    layout = RunLayout.open(str(tmp_path))
+    _saved(layout, [3])
+    fresh = Trainer(layout)
+    fresh.lr_fn = lambda s: 2 * linear_lr(s, base_lr=1e-3, total_steps=10, warmup_ratio=0.1)
+    with pytest.raises(ValueError, match="LR schedule changed"):
+        fresh.checkpointer.restore()
 
 
-def test_pruning_state_is_stored_without_pickle(tmp_path):
-    masks = {"bert.encoder.layer.0.intermediate.dense.weight": torch.rand(8, 4) > 0.5}
-    state = {"version": 1, "masks": masks, "last_update_step": 4, "sparsity": 0.5, "config": {"method": "gmp"}}
-    st.save_pruning_state(str(tmp_path), state)
-    with safe_open(str(tmp_path / "pruning.safetensors"), framework="pt") as f:  # a safe format
-        assert list(f.keys()) == list(masks)
-    back = st.load_pruning_state(str(tmp_path))
-    assert back["last_update_step"] == 4 and back["config"] == {"method": "gmp"}
-    name = next(iter(masks))
-    assert back["masks"][name].dtype == torch.bool and torch.equal(back["masks"][name], masks[name])
-    assert st.load_pruning_state(str(tmp_path / "none")) is None

@@ -9,7 +9,9 @@ import pytest
 
 from pipelines.models.config import ModelConfig
 from pipelines.training.config import TrainConfig
-from tests.workers.train_fixture import fake_checkpoint, make_preprocess, make_teacher_export, tiny_train
+from tests.workers.train_fixture import make_preprocess, make_teacher_export, tiny_train
+from workers.run_layout import RunLayout
+from workers.train.checkpointer import FORMAT, MANIFEST
 from workers.train.context import SafeTracker
 from workers.train.preflight import preflight
 from workers.train.progress import format_summary
@@ -17,18 +19,19 @@ from workers.train.spec import TrainSpec
 
 
 def spec(run_dir: str, **train) -> TrainSpec:
-    return TrainSpec(stage="teacher", run_dir=run_dir, train=TrainConfig(**tiny_train(**train)), model=ModelConfig())
+    return TrainSpec(stage="teacher", layout=RunLayout.open(run_dir), train=TrainConfig(**tiny_train(**train)),
+                     model=ModelConfig())
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("run"))
-    make_preprocess(path, n_train=40, n_val=8)
+    make_preprocess(path, documents=20)  # about 40 training rows
     return path
 
 
 def test_missing_preprocess_output_is_named(tmp_path):
-    with pytest.raises(ValueError, match="tokenizer folder .* preprocess"):
+    with pytest.raises(ValueError, match="preprocess/manifest.json is missing: run the preprocess stage first"):
         preflight(spec(str(tmp_path)))
 
 
@@ -45,15 +48,16 @@ def test_unknown_model(run_dir):
 
 
 def test_student_needs_the_teacher_and_its_tokenizer(run_dir, tmp_path):
+    layout = RunLayout.open(run_dir)
     with pytest.raises(ValueError, match="init_dir"):
-        TrainSpec(stage="student", run_dir=run_dir, train=TrainConfig(**tiny_train()))
-    student = TrainSpec(stage="student", run_dir=run_dir, train=TrainConfig(**tiny_train()),
+        TrainSpec(stage="student", layout=layout, train=TrainConfig(**tiny_train()))
+    student = TrainSpec(stage="student", layout=layout, train=TrainConfig(**tiny_train()),
                         init_dir=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="train the teacher first"):
         preflight(student)
     # a teacher exported with another vocabulary
     other = str(tmp_path / "other")
-    make_preprocess(other, n_train=8, n_val=2)
+    make_preprocess(other, documents=6)
     teacher = make_teacher_export(other)
     tok = json.load(open(os.path.join(teacher, "tokenizer.json")))
     tok["model"]["vocab"] = {f"x{i}": i for i in range(len(tok["model"]["vocab"]))}
@@ -65,15 +69,16 @@ def test_student_needs_the_teacher_and_its_tokenizer(run_dir, tmp_path):
 
 def test_resuming_with_another_worker_count_is_refused(run_dir, tmp_path):
     s = spec(run_dir, num_workers=2)
-    os.makedirs(s.checkpoint_dir)
-    fake_checkpoint(s.checkpoint_dir, 2, world=4)
+    step = s.run.checkpoint_step(2)
+    s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)),
+                              {"format": FORMAT, "step": 2, "world_size": 4, "files": {}})
     try:
-        with pytest.raises(ValueError, match="num_workers=4"):
+        with pytest.raises(ValueError, match="written by 4 workers; resuming needs training.num_workers=4"):
             preflight(s)
     finally:
         import shutil
 
-        shutil.rmtree(s.stage_dir)
+        shutil.rmtree(s.run.root)
 
 
 def test_preflight_needs_a_ray_cluster(run_dir, monkeypatch):

@@ -21,9 +21,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, AutoModelForQuestionAnswering
 
-from tests.workers.train_fixture import make_preprocess, make_teacher_export, read_losses, start_ray, student_spec
-from workers.train import checkpoint as ckpt
-from workers.train.stage import run_training
+from tests.workers.train_fixture import (checkpoint_masks, committed_steps, make_preprocess, make_teacher_export,
+                                        read_losses, start_ray, student_spec)
+from workers.train.checkpoint_parts import DS_TAG
+from workers.train.checkpointer import CORRUPT
+from workers.train.driver import run_training
+
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,9 +58,9 @@ def killed_and_resumed(tmp_path_factory):
         driver.send_signal(signal.SIGKILL)  # the driver dies mid-stage, without any clean-up
         driver.wait()
     spec = student_spec(run_dir, checkpoint_every=1)
-    checkpoints = [s for s, _ in ckpt.list_checkpoints(spec.checkpoint_dir)]
-    losses_before = read_losses(spec.metrics_path)
-    newest = os.path.join(spec.checkpoint_dir, ckpt.step_dir_name(5), ckpt.DS_TAG)
+    checkpoints = committed_steps(spec)
+    losses_before = read_losses(spec.run.metrics)
+    newest = os.path.join(spec.run.checkpoint_step(5), DS_TAG)
     shard = os.path.join(newest, sorted(os.listdir(newest))[-1])
     with open(shard, "r+b") as f:  # a half-written file in the newest checkpoint
         f.truncate(os.path.getsize(shard) // 2)
@@ -75,14 +79,14 @@ def test_rerun_falls_back_and_reproduces_the_uninterrupted_steps(killed_and_resu
     spec, result, _, _ = killed_and_resumed
     assert result.final_step == 6
     assert result.start_steps == [0, 4]  # step 5 was set aside as corrupt, step 4 used
-    corrupt = [n for n in os.listdir(spec.checkpoint_dir) if n.startswith("corrupt-step-00000005")]
-    assert len(corrupt) == 1
-    losses = read_losses(spec.metrics_path)
+    aside = [n for n in os.listdir(spec.run.checkpoints) if n.startswith("corrupt-step-00000005-")]
+    assert len(aside) == 1 and os.path.exists(os.path.join(spec.run.checkpoints, aside[0], CORRUPT))  # files kept
+    losses = read_losses(spec.run.metrics)
     assert [len(losses[s]) for s in range(1, 7)] == [1, 1, 1, 1, 2, 1]  # 5: before and after the kill
     assert losses[5][1] == pytest.approx(losses[5][0], abs=1e-5)
     # the last mask update was at step 4 (-> 5): the final masks are the uninterrupted attempt's
-    first = load_file(os.path.join(spec.checkpoint_dir, corrupt[0], "pruning.safetensors"))
-    final = load_file(os.path.join(spec.checkpoint_dir, ckpt.step_dir_name(6), "pruning.safetensors"))
+    first = checkpoint_masks(spec.run, 5, aside[0])
+    final = checkpoint_masks(spec.run, 6)
     assert first.keys() == final.keys() and len(final) == 13
     assert all(torch.equal(first[k], final[k]) for k in final)
 
@@ -92,7 +96,7 @@ def test_student_export_has_the_target_sparsity(killed_and_resumed):
     for auto in (AutoModelForPreTraining, AutoModelForMaskedLM, AutoModelForQuestionAnswering):
         auto.from_pretrained(result.model_dir)
     model = AutoModelForPreTraining.from_pretrained(result.model_dir)
-    masks = load_file(os.path.join(spec.checkpoint_dir, ckpt.step_dir_name(6), "pruning.safetensors"))
+    masks = checkpoint_masks(spec.run, 6)
     assert len(masks) == 2 * 6 + 1  # q, k, v, attention out, intermediate, output per layer + pooler
     for name, keep in masks.items():
         w = model.get_parameter(name)
@@ -111,7 +115,7 @@ def test_student_metrics_and_frozen_teacher(killed_and_resumed):
     assert any(k.startswith("sparsity/layer/bert.encoder.layer.1.") for k in result.metrics)
     assert result.metrics["loss/kd"] > 0
     assert result.metrics["loss"] == pytest.approx(0.5 * result.metrics["loss/hard"] + 0.5 * result.metrics["loss/kd"])
-    with open(spec.summary_path) as f:
+    with open(spec.run.summary) as f:
         assert json.load(f)["teacher_frozen"] is True  # no grads, no optimizer state on the teacher
 
 
@@ -129,12 +133,12 @@ def test_killed_run_matches_an_uninterrupted_run(killed_and_resumed, uninterrupt
     """Every step's loss to 1e-5, the final masks exactly, the exported weights to 1e-5."""
     spec, result, _, _ = killed_and_resumed
     ref_spec, ref_result = uninterrupted
-    resumed, reference = read_losses(spec.metrics_path), read_losses(ref_spec.metrics_path)
+    resumed, reference = read_losses(spec.run.metrics), read_losses(ref_spec.run.metrics)
     assert sorted(reference) == list(range(1, 7))
     for step in range(1, 7):
         assert resumed[step][-1] == pytest.approx(reference[step][0], abs=1e-5), step
-    final = load_file(os.path.join(spec.checkpoint_dir, ckpt.step_dir_name(6), "pruning.safetensors"))
-    ref_masks = load_file(os.path.join(ref_spec.checkpoint_dir, ckpt.step_dir_name(6), "pruning.safetensors"))
+    final = checkpoint_masks(spec.run, 6)
+    ref_masks = checkpoint_masks(ref_spec.run, 6)
     assert final.keys() == ref_masks.keys() and all(torch.equal(final[k], ref_masks[k]) for k in final)
     ours, theirs = (load_file(os.path.join(r.model_dir, "model.safetensors")) for r in (result, ref_result))
     assert ours.keys() == theirs.keys()

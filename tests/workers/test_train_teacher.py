@@ -12,16 +12,18 @@ from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, AutoMode
 
 from pipelines.models.config import BertInit, ModelConfig
 from pipelines.training.config import TrainConfig
-from tests.workers.train_fixture import FileTracker, make_preprocess, read_losses, start_ray, tiny_train
-from workers.train import checkpoint as ckpt
+from tests.workers.train_fixture import FileTracker, committed_steps, make_preprocess, read_losses, start_ray, tiny_train
+from workers.run_layout import RunLayout
+from workers.train.driver import run_training
 from workers.train.spec import FaultInjection, TrainSpec
-from workers.train.stage import run_training
+
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
 
 MODEL = ModelConfig(init=BertInit(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128))
 
 
 def teacher_spec(run_dir: str, **train) -> TrainSpec:
-    return TrainSpec(stage="teacher", run_dir=run_dir, train=TrainConfig(**tiny_train(**train)), model=MODEL,
+    return TrainSpec(stage="teacher", layout=RunLayout.open(run_dir), train=TrainConfig(**tiny_train(**train)), model=MODEL,
                      seed=11, tracker=FileTracker(os.path.join(run_dir, "tracker.jsonl")), progress=False)
 
 
@@ -47,7 +49,7 @@ def test_worker_failure_restarts_from_the_last_checkpoint(failed_once):
     assert os.path.exists(spec.fault.marker)  # the fault did fire
     assert result.final_step == 6
     assert result.start_steps == [0, 2]  # restarted from the step-2 checkpoint
-    losses = read_losses(spec.metrics_path)
+    losses = read_losses(spec.run.metrics)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert len(losses[3]) == 2  # trained before the failure and again after the restart
     assert losses[3][0] == pytest.approx(losses[3][1], abs=1e-5)
@@ -73,26 +75,29 @@ def test_teacher_exports_a_model_the_auto_classes_load(failed_once):
 
 def test_metrics_checkpoints_and_tracking(failed_once):
     spec, result = failed_once
-    assert {"val/loss", "val/mlm_acc", "val/nsp_acc", "loss", "lr", "throughput/samples_per_s"} <= set(result.metrics)
+    assert {"val/loss", "val/mlm_acc", "val/nsp_acc", "loss", "lr", "throughput/samples_per_s",
+            "data/masked_fraction"} <= set(result.metrics)
     assert 0.0 <= result.metrics["val/nsp_acc"] <= 1.0
-    assert [s for s, _ in ckpt.list_checkpoints(spec.checkpoint_dir)] == [6, 4]  # last K=2 kept
-    assert all(ckpt.verify_checkpoint(p) is None for _, p in ckpt.list_checkpoints(spec.checkpoint_dir))
-    ray_run = os.path.join(spec.ray_storage_path, spec.ray_run_name)
+    with open(spec.run.metrics) as f:  # the masking contract made visible, at every step
+        fractions = [json.loads(line)["data/masked_fraction"] for line in f]
+    assert len(fractions) == 7 and all(0.12 <= x <= 0.2 for x in fractions)
+    assert committed_steps(spec) == [6, 4]  # last K=2 kept
+    ray_run = os.path.join(spec.run.ray_storage, spec.run.ray_run_name)
     pointers = sorted(d for d in os.listdir(ray_run) if d.startswith("step-"))
     assert pointers[-1] == "step-00000006"  # reported to Ray Train
     with open(os.path.join(ray_run, pointers[-1], "pofa_checkpoint.json")) as f:
         assert json.load(f)["step"] == 6
     # only rank 0 logged to the injected tracker: one record per trained step
-    with open(os.path.join(spec.run_dir, "tracker.jsonl")) as f:
+    with open(os.path.join(spec.layout.root, "tracker.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
     assert steps == [1, 2, 3, 3, 4, 5, 6]
 
 
 def test_bad_input_fails_before_any_worker_starts(cluster, tmp_path):
     run_dir = str(tmp_path)
-    with pytest.raises(ValueError, match="tokenizer folder"):
+    with pytest.raises(ValueError, match="run the preprocess stage first"):
         run_training(teacher_spec(run_dir), echo=False)
-    make_preprocess(run_dir, n_train=40)
+    make_preprocess(run_dir, documents=20)
     with pytest.raises(ValueError, match="global_batch_size=64"):
         run_training(teacher_spec(run_dir, global_batch_size=64), echo=False)
     with pytest.raises(ValueError, match="CPUs"):
@@ -101,4 +106,4 @@ def test_bad_input_fails_before_any_worker_starts(cluster, tmp_path):
     spec.model = ModelConfig(name=os.path.join(run_dir, "no-such-model"))
     with pytest.raises(ValueError, match="model.name="):
         run_training(spec, echo=False)
-    assert not os.path.exists(os.path.join(run_dir, "teacher", "checkpoints"))
+    assert not os.path.exists(spec.run.checkpoints)

@@ -1,61 +1,71 @@
-"""A tiny preprocess output (Parquet shards, tokenizer, manifest) and tiny training specs for the
-training-engine tests and the benchmark. Written with pyarrow, shaped like the preprocess stage's."""
+"""A tiny preprocess output (Parquet shards, tokenizer, manifest) made by the preprocess stage's own
+producers, and tiny training specs for the training-engine tests and the benchmark."""
 from __future__ import annotations
 
 import json
 import os
 import random
 import sys
+import time
 from typing import Any
 
 import ray
 import ray.cloudpickle
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 from transformers import BertTokenizer
+
+from workers.run_layout import RunLayout
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [f"w{i}" for i in range(95)]
-SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("token_type_ids", pa.list_(pa.int8())),
-                    ("next_sentence_label", pa.int8()), ("masked_lm_positions", pa.list_(pa.int32())),
-                    ("masked_lm_ids", pa.list_(pa.int32()))])
 
 
-def _row(rng: random.Random, max_len: int) -> dict[str, Any]:
-    """[CLS] A [SEP] B [SEP] over a toy language: B continues A's counting pattern unless random."""
-    n_a = rng.randint(3, (max_len - 3) // 2)
-    n_b = rng.randint(3, max_len - 3 - n_a)
-    start = rng.randrange(len(WORDS))
-    a = [5 + (start + i) % len(WORDS) for i in range(n_a)]
-    is_random = rng.random() < 0.5
-    b_start = rng.randrange(len(WORDS)) if is_random else start + n_a
-    b = [5 + (b_start + i) % len(WORDS) for i in range(n_b)]
-    ids = [2] + a + [3] + b + [3]
-    return {"input_ids": ids, "token_type_ids": [0] * (n_a + 2) + [1] * (n_b + 1),
-            "next_sentence_label": int(is_random), "masked_lm_positions": [], "masked_lm_ids": []}
-
-
-def _write_split(folder: str, rows: list[dict[str, Any]], files: int) -> None:
-    os.makedirs(folder, exist_ok=True)
-    per = -(-len(rows) // files)
-    for i in range(files):
-        chunk = rows[i * per:(i + 1) * per]
-        pq.write_table(pa.Table.from_pylist(chunk, schema=SCHEMA), os.path.join(folder, f"part-{i:05d}.parquet"),
-                       row_group_size=37)
-
-
-def make_preprocess(run_dir: str, n_train: int = 256, n_val: int = 64, max_len: int = 32, seed: int = 0) -> str:
-    pre = os.path.join(run_dir, "preprocess")
+def _toy_corpus(path: str, documents: int, seed: int, lines: tuple[int, int] = (4, 9)) -> None:
+    """A BERT-format text file (one sentence per line, a blank line between documents) over a toy
+    language: each document counts on through the words, so segment B continuing segment A is
+    learnable, and a random B is not."""
     rng = random.Random(seed)
-    _write_split(os.path.join(pre, "train"), [_row(rng, max_len) for _ in range(n_train)], files=3)
-    _write_split(os.path.join(pre, "validation"), [_row(rng, max_len) for _ in range(n_val)], files=1)
-    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
-    BertTokenizer(vocab=vocab).save_pretrained(os.path.join(pre, "tokenizer"))
-    with open(os.path.join(pre, "manifest.json"), "w") as f:
-        json.dump({"stats": {"max_seq_length": max_len, "train_instances": n_train},
-                   "config": {"masking": "dynamic", "max_predictions_per_seq": 5, "masked_lm_prob": 0.15}}, f)
-    return pre
+    with open(path, "w") as f:
+        for _ in range(documents):
+            word = rng.randrange(len(WORDS))
+            for _ in range(rng.randint(*lines)):
+                n = rng.randint(3, 8)
+                f.write(" ".join(WORDS[(word + i) % len(WORDS)] for i in range(n)) + "\n")
+                word += n
+            f.write("\n")
+
+
+def make_preprocess(run_dir: str, documents: int = 120, max_len: int = 32, seed: int = 0, masking: str = "dynamic",
+                    max_predictions_per_seq: int = 5, dupe_factor: int = 1,
+                    lines: tuple[int, int] = (4, 9)) -> RunLayout:
+    """The preprocess stage's real output for a toy corpus, made by its real producers without Ray:
+    `prepare_tokenizer`, `read_shards` and `ShardProcessor` (the Ray Data stage's two halves), then
+    `finish_preprocess` and the manifest writer the orchestrator uses. Returns the run's layout."""
+    from orchestrator.manifest import fingerprint, write_stage_manifest
+    from pipelines.data.config import PreprocessConfig
+    from pipelines.data.sources import read_units
+    from workers.preprocess.job import finish_preprocess, prepare_tokenizer
+    from workers.preprocess.tasks import ShardProcessor, read_shards
+
+    layout = RunLayout.open(run_dir)
+    os.makedirs(layout.root, exist_ok=True)
+    corpus, vocab_dir = os.path.join(layout.root, "corpus.txt"), os.path.join(layout.root, "toy-vocab")
+    _toy_corpus(corpus, documents, seed, lines)
+    BertTokenizer(vocab={token: i for i, token in enumerate(SPECIALS + WORDS)}).save_pretrained(vocab_dir)
+    cfg = PreprocessConfig.model_validate({
+        "source": {"kind": "text", "path": corpus}, "tokenizer": {"name": vocab_dir}, "max_seq_length": max_len,
+        "masking": masking, "max_predictions_per_seq": max_predictions_per_seq, "dupe_factor": dupe_factor,
+        "validation_fraction": 0.2, "documents_per_shard": max(1, documents // 3), "min_document_tokens": 8})
+    started = time.time()
+    prepare_tokenizer(cfg, layout)
+    units = read_units(cfg.source)
+    batch = {"unit": [u.index for u in units], "location": [u.location for u in units]}
+    processor = ShardProcessor(cfg.model_dump_json(), seed, layout)
+    records = [json.loads(r) for rows in read_shards(batch, cfg.model_dump_json())
+               for r in processor(rows).column("result").to_pylist()]
+    stats, outputs, record = finish_preprocess(cfg, layout, sorted(records, key=lambda r: r["shard_id"]))
+    config = cfg.model_dump(mode="json")
+    write_stage_manifest(layout, "preprocess", fingerprint(config), {}, config, stats, outputs, record, started)
+    return layout
 
 
 def tiny_train(**overrides: Any) -> dict[str, Any]:
@@ -126,10 +136,11 @@ def make_teacher_export(run_dir: str, seed: int = 3) -> str:
     from pipelines.models.build import build_pretraining_model
     from pipelines.models.config import BertInit, ModelConfig
 
-    tok = AutoTokenizer.from_pretrained(os.path.join(run_dir, "preprocess", "tokenizer"))
+    layout = RunLayout.open(run_dir)
+    tok = AutoTokenizer.from_pretrained(layout.tokenizer)
     cfg = ModelConfig(init=BertInit(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128))
     model = build_pretraining_model(cfg, vocab_size=len(tok), pad_token_id=tok.pad_token_id, seed=seed)
-    out = os.path.join(run_dir, "teacher", "model")
+    out = layout.training("teacher").model
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -144,44 +155,37 @@ def student_spec(run_dir: str, fault: Any = None, **train: Any) -> Any:
     pruning = PruningConfig(schedule=ScheduleConfig(policy_begin_step=0, policy_end_step=4, begin_pruning_step=0,
                                                     end_pruning_step=4, pruning_frequency=2, final_sparsity=0.9),
                             lr_rewind=True)
-    return TrainSpec(stage="student", run_dir=run_dir, train=TrainConfig(**tiny_train(**train)),
-                     init_dir=os.path.join(run_dir, "teacher", "model"), pruning=pruning, seed=5, progress=False,
-                     fault=fault)
+    layout = RunLayout.open(run_dir)
+    return TrainSpec(stage="student", layout=layout, train=TrainConfig(**tiny_train(**train)),
+                     init_dir=layout.training("teacher").model, pruning=pruning, seed=5, progress=False, fault=fault)
 
 
 def _run_student_driver(run_dir: str, marker: str) -> None:
     """`python -m tests.workers.train_fixture <run_dir> <marker>`: a driver the kill test SIGKILLs.
     Joins the cluster named by RAY_ADDRESS; checkpoints every step (the last 2 kept); rank 0 stalls
     after 5 updates, when checkpoints 4 and 5 exist."""
+    from workers.train.driver import run_training
     from workers.train.spec import FaultInjection
-    from workers.train.stage import run_training
 
     ray.init()
     run_training(student_spec(run_dir, fault=FaultInjection(step=5, rank=0, marker=marker, kind="stall"),
                               checkpoint_every=1))
 
 
-def fake_checkpoint(root: str, step: int, world: int = 2) -> str:
-    """Same file kinds as a real one: DeepSpeed torch zips, JSON, safetensors, manifest."""
-    import torch
+def committed_steps(spec: Any) -> list[int]:
+    """Committed checkpoint steps of a training spec's run, newest first."""
+    from workers.train.checkpointer import Checkpointer
 
-    from workers.train import checkpoint as ckpt
-    from workers.train import state as st
-    from workers.train.data import DataCursor
+    checkpointer = Checkpointer(spec.layout, spec.run, 0, 1, keep=1, engine=None, parts={}, rank_parts={})
+    return [step for step, _ in checkpointer.committed()]
 
-    tmp = os.path.join(root, ckpt.tmp_dir_name(step))
-    os.makedirs(os.path.join(tmp, ckpt.DS_TAG))
-    for r in range(world):
-        torch.save({"w": torch.randn(64, 64)}, os.path.join(tmp, ckpt.DS_TAG, f"zero_pp_rank_{r}_optim_states.pt"))
-        st.save_rank_state(tmp, r, world, step, DataCursor(0, step * 8))
-    with open(os.path.join(tmp, "latest"), "w") as f:
-        f.write(ckpt.DS_TAG)
-    st.save_trainer_state(tmp, {"step": step})
-    ckpt.write_manifest(tmp, step, world)
-    assert ckpt.verify_checkpoint(tmp) is None
-    final = os.path.join(root, ckpt.step_dir_name(step))
-    ckpt.finalize(tmp, final)
-    return final
+
+def checkpoint_masks(run: Any, step: int, folder: str | None = None) -> dict:
+    """The pruning masks a checkpoint holds (name -> bool tensor); `folder`: one set aside."""
+    from workers.train.checkpoint_parts import load_state
+
+    path = os.path.join(run.checkpoints, folder) if folder else run.checkpoint_step(step)
+    return load_state(path, "pruning")["masks"]
 
 
 if __name__ == "__main__":

@@ -23,12 +23,11 @@ from pipelines.finetune.tasks import TaskSpec, get_task
 from pipelines.models.heads import accepted_inputs
 from pipelines.sparsity.report import prunable_weights
 from pipelines.training.schedule import linear_lr
-from workers.finetune.prepare import examples_path, features_path
 from workers.finetune.spec import FinetuneSpec, lock_config
 from workers.train.context import barrier, broadcast_from_rank0, gather
 from workers.train.data import RankData, plan_shard, read_rows
 from workers.train.export import export_model, gather_full_state
-from workers.train.worker import BaseWorker, run_worker
+from workers.train.base_worker import BaseWorker, run_worker
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 LABELS = ("labels", "start_positions", "end_positions")
@@ -60,7 +59,7 @@ class FinetuneWorker(BaseWorker):
                  in_ray: bool = True) -> None:
         super().__init__(spec, rank, world_size, device, in_ray)
         self.task = get_task(spec.task.name)
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.data.tokenizer)
         model = load_task_model(spec.init_model, self.task, self.seed)
         self.teacher: Optional[torch.nn.Module] = None
         if spec.teacher_dir is not None:
@@ -68,16 +67,16 @@ class FinetuneWorker(BaseWorker):
         self.qat_names: list[str] = []
         if spec.qat and spec.role == "student":
             self.qat_names = enable_qat(model, prunable_weights(model, spec.pruning or lock_config()))
-        self._setup(model)
         cfg = self.cfg
         self.lr_fn = lambda step: linear_lr(step, base_lr=cfg.learning_rate, total_steps=cfg.max_steps,
                                             warmup_ratio=cfg.warmup_ratio)
-        train_path = features_path(spec.data_dir, self.task.train_split)
+        self._setup(model)
+        train_path = spec.data.features(self.task.train_split)
         # equal contiguous shares (unequal ones skew the gradient mean), read from this rank's row groups only
         lo, hi = rank_rows(pq.ParquetFile(train_path).metadata.num_rows, rank, world_size)
         self.data = RankData(read_rows(train_path, lo, hi, columns=None), cfg.samples_per_rank_per_step,
                              cfg.micro_batch_size, self.seed, rank)
-        self.eval_tables = {split: pq.read_table(features_path(spec.data_dir, split))
+        self.eval_tables = {split: pq.read_table(spec.data.features(split))
                             for split in self.task.eval_splits.values()}
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -124,7 +123,7 @@ class FinetuneWorker(BaseWorker):
         padded = np.full((len(rows), 2, width), -1e9, dtype=np.float32)
         for i, r in enumerate(rows):
             padded[i, :, :r.shape[-1]] = r
-        with open(examples_path(self.spec.data_dir, split)) as f:
+        with open(self.spec.data.examples(split)) as f:
             examples = [json.loads(line) for line in f]
         answers = postprocess_qa(examples, self.eval_tables[split], padded[:, 0], padded[:, 1],
                                  self.spec.task.n_best_size, self.spec.task.max_answer_length)
@@ -161,11 +160,11 @@ class FinetuneWorker(BaseWorker):
         full = gather_full_state(self.engine)
         report: dict[str, Any] = {}
         if self.is_rank0:
-            report = export_model(full, self.model_config, self.spec.tokenizer_dir, self.spec.model_dir,
+            report = export_model(full, self.model_config, self.spec.data.tokenizer, self.run.model,
                                   self.spec.pruning, auto_class=auto_class(self.task))
             if self.qat_names:
-                report["qat"] = export_int8(self.spec.model_dir, self.qat_names)
-            self.tracker.artifact(self.spec.model_dir, "model")
+                report["qat"] = export_int8(self.run.model, self.qat_names)
+            self.tracker.artifact(self.run.model, "model")
         barrier()
         return report
 

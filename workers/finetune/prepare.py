@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import pyarrow.parquet as pq
 from transformers import AutoConfig, AutoTokenizer
 
-from pipelines.atomic import write_json_atomic
+from pipelines.atomic import atomic_dir, write_json_atomic
 from pipelines.finetune.config import TaskConfig
 from pipelines.finetune.data import load_task_splits
 from pipelines.finetune.encode import encode_classification, encode_qa
 from pipelines.finetune.tasks import TaskSpec, get_task
-
-PREPARED = "prepared.json"
-
-
-def features_path(data_dir: str, split: str) -> str:
-    return os.path.join(data_dir, f"{split}.parquet")
-
-
-def examples_path(data_dir: str, split: str) -> str:
-    return os.path.join(data_dir, f"{split}.examples.jsonl")
+from workers.run_layout import TaskDataLayout
 
 
 def _check_model(task: TaskConfig, init_model: str) -> None:
@@ -45,12 +35,12 @@ def _encode(spec: TaskSpec, task: TaskConfig, ds: Any, tokenizer: Any, train: bo
     return encode_classification(ds, spec, tokenizer, task.max_seq_length)
 
 
-def prepare_task(task: TaskConfig, init_model: str, data_dir: str) -> dict[str, Any]:
-    """Write `data_dir` (atomically, as a whole) unless it holds this task config already; returns its stats."""
+def prepare_task(task: TaskConfig, init_model: str, data: TaskDataLayout) -> dict[str, Any]:
+    """Write the task's data folder (atomically, as a whole) unless it holds this task config already;
+    returns its stats."""
     key = task.model_dump(mode="json")
-    done = os.path.join(data_dir, PREPARED)
-    if os.path.exists(done):
-        with open(done) as f:
+    if os.path.exists(data.prepared):
+        with open(data.prepared) as f:
             prepared = json.load(f)
         if prepared.get("task") == key:
             return prepared["stats"]
@@ -58,21 +48,18 @@ def prepare_task(task: TaskConfig, init_model: str, data_dir: str) -> dict[str, 
     _check_model(task, init_model)
     splits, load_stats = load_task_splits(spec, task.data)
     tokenizer = AutoTokenizer.from_pretrained(init_model)
-    tmp = data_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     stats: dict[str, Any] = {"load": load_stats}
-    for split, ds in splits.items():
-        table, enc_stats = _encode(spec, task, ds, tokenizer, train=split == spec.train_split)
-        # row groups of 4096: each worker reads only the groups holding its share of the features
-        pq.write_table(table, features_path(tmp, split), row_group_size=4096)
-        stats[split] = enc_stats
-        if spec.kind == "qa" and split != spec.train_split:
-            with open(examples_path(tmp, split), "w") as f:
-                for ex in ds:
-                    f.write(json.dumps({"id": ex["id"], "context": ex["context"], "answers": ex["answers"]}) + "\n")
-    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    write_json_atomic({"task": key, "stats": stats}, os.path.join(tmp, PREPARED))
-    shutil.rmtree(data_dir, ignore_errors=True)
-    os.replace(tmp, data_dir)
+    with atomic_dir(data.root) as tmp:
+        staged = TaskDataLayout(tmp)
+        for split, ds in splits.items():
+            table, enc_stats = _encode(spec, task, ds, tokenizer, train=split == spec.train_split)
+            # row groups of 4096: each worker reads only the groups holding its share of the features
+            pq.write_table(table, staged.features(split), row_group_size=4096)
+            stats[split] = enc_stats
+            if spec.kind == "qa" and split != spec.train_split:
+                with open(staged.examples(split), "w") as f:
+                    for ex in ds:
+                        f.write(json.dumps({"id": ex["id"], "context": ex["context"], "answers": ex["answers"]}) + "\n")
+        tokenizer.save_pretrained(staged.tokenizer)
+        write_json_atomic({"task": key, "stats": stats}, staged.prepared)
     return stats

@@ -1,6 +1,6 @@
 """The preprocess stage on Ray Data: read units -> shards -> Parquet, streaming, one actor per worker.
 
-Entry point: `run_preprocess(cfg, seed, out_dir)`; the caller has connected to Ray. Memory stays bounded:
+Entry point: `run_preprocess(cfg, seed, layout)`; the caller has connected to Ray. Memory stays bounded:
 the readers stream documents, each shard is one row in flight, and Ray Data backpressures the readers
 when the processors fall behind.
 """
@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import Counter
-from typing import Any, Optional
+from typing import Any
 
 import ray
 
@@ -19,9 +18,12 @@ from pipelines.data.documents import SkipCounter
 from pipelines.data.shard import clean_document
 from pipelines.data.sources import iter_documents, read_units
 from pipelines.data.tokenizer import load_tokenizer, train_wordpiece
-from pipelines.atomic import file_sha256
+from pipelines.atomic import atomic_dir
+from pipelines.data.masking import MaskingContract
+from pipelines.data.shard import SPLITS
 from workers.preprocess.tasks import ShardProcessor, read_shards
-from workers.storage import RunStore
+from workers.run_layout import RunLayout
+from workers.stage_outputs import PreprocessOutput
 
 # One tokenizer thread per worker: the workers are the parallelism, and measuring their scaling needs this.
 _WORKER_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -42,46 +44,35 @@ def _corpus_sample(cfg: PreprocessConfig):
 
 
 @ray.remote(num_cpus=1, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-def _train_tokenizer(cfg_json: str, out_dir: str, store: Optional[RunStore] = None) -> None:
-    """Runs on any node; with a run directory on an object store its files go to the store (the
-    driver's mirror fetches them), `tokenizer.json` last since its presence means done."""
+def _train_tokenizer(cfg_json: str, layout: RunLayout) -> None:
+    """Runs on any node; its files go to the store (the driver's copy fetches them), `tokenizer.json`
+    last since its presence means done."""
     cfg = PreprocessConfig.model_validate_json(cfg_json)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    train_wordpiece(_corpus_sample(cfg), cfg.tokenizer.train_vocab_size, cfg.tokenizer.lowercase, tmp,
-                    cfg.max_seq_length)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    if store is not None and store.remote:
-        rel = store.rel(out_dir)
-        names = sorted(os.listdir(out_dir), key=lambda n: n == "tokenizer.json")
-        for name in names:
-            store.upload(f"{rel}/{name}")
+    with atomic_dir(layout.tokenizer) as tmp:
+        train_wordpiece(_corpus_sample(cfg), cfg.tokenizer.train_vocab_size, cfg.tokenizer.lowercase, tmp,
+                        cfg.max_seq_length)
+    names = sorted(os.listdir(layout.tokenizer), key=lambda n: n == "tokenizer.json")
+    layout.push_files([os.path.join(layout.tokenizer, n) for n in names])
 
 
-def prepare_tokenizer(cfg: PreprocessConfig, tokenizer_dir: str, store: Optional[RunStore] = None) -> None:
+def prepare_tokenizer(cfg: PreprocessConfig, layout: RunLayout) -> None:
     """Put the tokenizer in the run directory, so the run needs nothing outside it to resume or train."""
-    if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+    if os.path.exists(os.path.join(layout.tokenizer, "tokenizer.json")):
         return  # made by an interrupted attempt with the same fingerprint
     if cfg.tokenizer.trains:
-        ray.get(_train_tokenizer.remote(cfg.model_dump_json(), tokenizer_dir, store))
-        if store is not None and store.remote:
-            store.pull(store.rel(tokenizer_dir))
+        ray.get(_train_tokenizer.remote(cfg.model_dump_json(), layout))
+        layout.pull(layout.tokenizer)
         return
-    tmp = tokenizer_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    load_tokenizer(cfg.tokenizer.name).save_pretrained(tmp)
-    os.replace(tmp, tokenizer_dir)
-    if store is not None and store.remote:
-        store.push(store.rel(tokenizer_dir))
+    with atomic_dir(layout.tokenizer) as tmp:
+        load_tokenizer(cfg.tokenizer.name).save_pretrained(tmp)
+    layout.push(layout.tokenizer)
 
 
-def run_preprocess(cfg: PreprocessConfig, seed: int, out_dir: str,
-                   store: Optional[RunStore] = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run the stage; returns (manifest statistics, output files relative to out_dir -> sha256).
-    `store`: the run directory's object store, when `out_dir` is its mirror."""
-    tokenizer_dir = os.path.join(out_dir, "tokenizer")
-    prepare_tokenizer(cfg, tokenizer_dir, store)
+def run_preprocess(cfg: PreprocessConfig, seed: int,
+                   layout: RunLayout) -> tuple[dict[str, Any], dict[str, str], PreprocessOutput]:
+    """Run the stage; returns (manifest statistics, output files relative to the stage folder -> sha256,
+    the typed output record the training stages read)."""
+    prepare_tokenizer(cfg, layout)
     cfg_json = cfg.model_dump_json()
     units = read_units(cfg.source)
     ctx = ray.data.DataContext.get_current()
@@ -94,19 +85,32 @@ def run_preprocess(cfg: PreprocessConfig, seed: int, out_dir: str,
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"cfg_json": cfg_json},
                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=max(1, min(len(units), cfg.num_workers))))
     ds = ds.map_batches(ShardProcessor, batch_size=1, batch_format="pyarrow",
-                        fn_constructor_kwargs={"cfg_json": cfg_json, "seed": seed, "out_dir": out_dir,
-                                               "tokenizer_dir": tokenizer_dir, "store": store},
+                        fn_constructor_kwargs={"cfg_json": cfg_json, "seed": seed, "layout": layout},
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_cpus=cfg.cpus_per_worker,
                         runtime_env={"env_vars": _WORKER_ENV})
     records = sorted((json.loads(r["result"]) for r in ds.iter_rows()), key=lambda r: r["shard_id"])
-    if store is not None and store.remote:  # shards written on other nodes: into this mirror too
-        store.pull(store.rel(out_dir))
+    layout.pull(layout.stage_dir("preprocess"))  # shards written on other nodes: into this node's copy too
+    return finish_preprocess(cfg, layout, records)
+
+
+def finish_preprocess(cfg: PreprocessConfig, layout: RunLayout,
+                      records: list[dict]) -> tuple[dict[str, Any], dict[str, str], PreprocessOutput]:
+    """From the shards' completion records: statistics, output hashes and the typed output record."""
     files: dict[str, str] = {}
+    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for r in records:
-        files.update(r["files"])
-    for name in sorted(os.listdir(tokenizer_dir)):
-        files[f"tokenizer/{name}"] = file_sha256(os.path.join(tokenizer_dir, name))
-    return aggregate_stats(records, cfg, len(load_tokenizer(tokenizer_dir))), files
+        for split, shard in r["shards"].items():
+            files[layout.stage_rel("preprocess", layout.shard(split, shard["name"]))] = shard["sha256"]
+            splits[split].append(shard)
+    files.update(layout.file_hashes("preprocess", layout.tokenizer))
+    vocab_size = len(load_tokenizer(layout.tokenizer))
+    record = PreprocessOutput(
+        splits={split: {"shards": shards, "rows": sum(s["rows"] for s in shards)} for split, shards in splits.items()},
+        tokenizer=layout.rel(layout.tokenizer),
+        masking=MaskingContract(kind=cfg.masking, masked_lm_prob=cfg.masked_lm_prob,
+                                max_predictions_per_seq=cfg.max_predictions_per_seq, copies=cfg.dupe_factor),
+        max_seq_length=cfg.max_seq_length, vocab_size=vocab_size)
+    return aggregate_stats(records, cfg, vocab_size), files, record
 
 
 def aggregate_stats(records: list[dict], cfg: PreprocessConfig, vocab_size: int) -> dict[str, Any]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, Optional
+from typing import Iterator
 
 import pyarrow as pa
 
@@ -13,7 +13,7 @@ from pipelines.data.shard import SPLITS, process_shard
 from pipelines.data.sources import ReadUnit, iter_documents
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.atomic import write_json_atomic, write_parquet_atomic
-from workers.storage import RunStore
+from workers.run_layout import RunLayout
 
 
 def shard_id(unit: int, chunk: int) -> str:
@@ -60,18 +60,16 @@ class ShardProcessor:
     """An actor per worker: loads the tokenizer once, turns shard rows into Parquet files.
 
     A shard whose completion record exists (from an interrupted earlier attempt with the same
-    fingerprint) is not redone: preprocessing full Wikipedia resumes at shard granularity.
+    fingerprint) is not redone: preprocessing full Wikipedia resumes at shard granularity. On an object
+    store each shard's files are stored as soon as they are written, its completion record last.
     """
 
-    def __init__(self, cfg_json: str, seed: int, out_dir: str, tokenizer_dir: str, store: Optional[RunStore] = None):
+    def __init__(self, cfg_json: str, seed: int, layout: RunLayout):
         self.cfg = PreprocessConfig.model_validate_json(cfg_json)
         self.seed = seed
-        self.out_dir = out_dir
-        # a run directory on an object store: this node's mirror gets the tokenizer, the store each shard
-        self.store = store if store is not None and store.remote else None
-        if self.store is not None:
-            self.store.pull(self._rel(tokenizer_dir))
-        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.layout = layout
+        layout.pull(layout.tokenizer)  # trained on any node: this node's copy gets it
+        self.tokenizer = load_tokenizer(layout.tokenizer)
         # Sentences are tokenized whole and cut to length later: silence the model-length warning.
         self.tokenizer.model_max_length = 1 << 30
 
@@ -81,9 +79,9 @@ class ShardProcessor:
 
     def _one(self, row: dict) -> dict:
         sid = row["shard_id"]
-        record_path = os.path.join(self.out_dir, ".shards", f"{sid}.json")
-        if self.store is not None and not os.path.exists(record_path):
-            self.store.pull(self._rel(record_path))  # done by an earlier attempt on another node?
+        record_path = self.layout.shard_record(sid)
+        if not os.path.exists(record_path):
+            self.layout.pull(record_path)  # done by an earlier attempt on another node?
         if os.path.exists(record_path):
             with open(record_path) as f:
                 return json.load(f)
@@ -91,21 +89,17 @@ class ShardProcessor:
         tables, stats = process_shard(docs, sid, self.cfg, self.seed, self.tokenizer)
         for reason, n in json.loads(row["reader_skipped"]).items():
             stats.skipped.skip(reason, n)
-        files = {}
+        shards: dict[str, dict] = {}
+        written = []
         for split in SPLITS:
             if tables[split].num_rows:
-                rel = f"{split}/shard-{sid}.parquet"
-                files[rel] = write_parquet_atomic(tables[split], os.path.join(self.out_dir, rel))
-        record = {"shard_id": sid, "stats": stats.as_dict(), "files": files}
+                name = f"shard-{sid}.parquet"
+                path = self.layout.shard(split, name)
+                shards[split] = {"name": name, "rows": tables[split].num_rows,
+                                 "sha256": write_parquet_atomic(tables[split], path)}
+                written.append(path)
+        record = {"shard_id": sid, "stats": stats.as_dict(), "shards": shards}
         write_json_atomic(record, record_path)
-        if self.store is not None:  # the shard's files first, its completion record last
-            self.store.push_files(self._rel(os.path.join(self.out_dir, rel)) for rel in files)
-            self.store.push_files([self._rel(record_path)])
+        self.layout.push_files(written)  # the shard's files first, its completion record last
+        self.layout.push_files([record_path])
         return record
-
-    def _rel(self, path: str) -> str:
-        assert self.store is not None
-        rel = self.store.rel(path)
-        if rel is None:
-            raise ValueError(f"{path} is outside the run directory mirror {self.store.local}")
-        return rel

@@ -1,6 +1,7 @@
 """Per-rank shards of the preprocessed Parquet data, with a resumable cursor.
 
-The global row space is the concatenation of the split's files in sorted order. Rank r owns the
+The global row space is the concatenation of the split's shards in the order the preprocess
+record lists them. Rank r owns the
 contiguous rows [r*n, (r+1)*n) with n = total // world_size: every rank gets the same number of
 samples (unequal shards hurt BERT pretraining) and reads only the row groups that hold its rows.
 Within its shard a rank walks an epoch-seeded permutation; the cursor (epoch, position) is saved
@@ -8,8 +9,6 @@ in checkpoints so a resumed run neither repeats nor skips a sample.
 """
 from __future__ import annotations
 
-import glob
-import os
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -18,18 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 COLUMNS = ("input_ids", "token_type_ids", "next_sentence_label", "masked_lm_positions", "masked_lm_ids")
-
-
-def parquet_files(data_dir: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(data_dir, "*.parquet")))
-    if not files:
-        raise ValueError(f"no Parquet shards in {data_dir!r}: run the preprocess stage first")
-    return files
-
-
-def row_counts(files: list[str]) -> list[int]:
-    """From the footers only: no data is read."""
-    return [pq.ParquetFile(f).metadata.num_rows for f in files]
 
 
 def plan_shard(counts: list[int], rank: int, world_size: int) -> list[tuple[int, int, int]]:
@@ -59,16 +46,11 @@ def read_rows(path: str, start: int, stop: int, columns: tuple[str, ...] | None 
     return table.slice(start - (first_row or 0), stop - start)
 
 
-def load_shard(data_dir: str, rank: int, world_size: int) -> pa.Table:
-    files = parquet_files(data_dir)
-    pieces = plan_shard(row_counts(files), rank, world_size)
+def load_rows(files: list[str], pieces: list[tuple[int, int, int]]) -> pa.Table:
+    """The rows `plan_shard` gave a rank, from the row groups that hold them only."""
     if not pieces:
         return pa.table({c: pa.array([], type=pa.int32()) for c in COLUMNS}).slice(0, 0)
     return pa.concat_tables([read_rows(files[i], a, b) for i, a, b in pieces]).combine_chunks()
-
-
-def total_rows(data_dir: str) -> int:
-    return sum(row_counts(parquet_files(data_dir)))
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,6 @@ model built from the config, which re-ties the MLM decoder to the word embedding
 """
 from __future__ import annotations
 
-import os
-import shutil
 from typing import Any, Optional
 
 import torch
@@ -15,6 +13,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from transformers import AutoModelForPreTraining, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
+from pipelines.atomic import atomic_dir
 from pipelines.sparsity.config import PruningConfig
 from pipelines.sparsity.report import prunable_weights, sparsity_report, write_report
 
@@ -44,15 +43,12 @@ def export_model(state: dict[str, torch.Tensor], config: PretrainedConfig, token
     if missing or unexpected:
         raise RuntimeError(f"export: weights do not match the architecture (missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]})")
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
     report: dict[str, Any] = {}
-    if pruning is not None:
-        report = sparsity_report(prunable_weights(model, pruning), pruning.mask)
-        write_report(report, tmp)
-    auto_class.from_pretrained(tmp)  # verify it loads before publishing
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        if pruning is not None:
+            report = sparsity_report(prunable_weights(model, pruning), pruning.mask)
+            write_report(report, tmp)
+        auto_class.from_pretrained(tmp)  # verify it loads before publishing
     return report

@@ -8,9 +8,10 @@ from typing import Any
 import ray
 
 from pipelines.models.build import resolve_model_config
-from workers.train import checkpoint as ckpt
-from workers.train.data import total_rows
-from workers.train.inputs import collator_settings, load_tokenizer, read_manifest, saved_vocab
+from workers.run_layout import StorageError
+from workers.stage_outputs import PreprocessOutput, read_output
+from workers.train.checkpointer import Checkpointer
+from workers.train.inputs import check_shards, collator_settings, load_tokenizer, saved_vocab
 from workers.train.spec import TrainSpec
 
 
@@ -60,65 +61,53 @@ def check_resources(spec: Any) -> None:
             _request_capacity(cfg, bundles=False)  # Ray Train's own placement group asks from here on
         if short is None:
             return
-        raise ValueError(f"{spec.stage}: {short} after waiting {wait_s:g} s for nodes to join "
+        raise ValueError(f"{spec.run.name}: {short} after waiting {wait_s:g} s for nodes to join "
                          "(ray.resource_wait_s); check that the worker nodes can reach the head")
-    raise ValueError(f"{spec.stage}: {short}. On a cluster whose nodes are still joining or autoscaling, set "
+    raise ValueError(f"{spec.run.name}: {short}. On a cluster whose nodes are still joining or autoscaling, set "
                      "ray.resource_wait_s to wait for them")
 
 
-def _check_data(spec: TrainSpec, vocab: dict[str, int]) -> None:
+def _check_data(spec: TrainSpec, record: PreprocessOutput, vocab: dict[str, int]) -> None:
     cfg = spec.train
-    for split, folder in (("train", spec.train_data_dir), ("validation", spec.validation_data_dir)):
-        rows = total_rows(folder)  # raises when no shard exists
-        per_rank = rows // cfg.num_workers
+    check_shards(spec.layout, record)
+    for split, out in record.splits.items():
+        per_rank = out.rows // cfg.num_workers
         if split == "train" and per_rank < cfg.samples_per_rank_per_step:
             raise ValueError(f"training.global_batch_size={cfg.global_batch_size} needs "
-                             f"{cfg.samples_per_rank_per_step} rows per worker per step, but {folder} has {rows} "
-                             f"rows for {cfg.num_workers} workers")
+                             f"{cfg.samples_per_rank_per_step} rows per worker per step, but the train split has "
+                             f"{out.rows} rows for {cfg.num_workers} workers")
         if split == "validation" and per_rank == 0:
-            raise ValueError(f"{folder} has {rows} rows: fewer than training.num_workers={cfg.num_workers}")
+            raise ValueError(f"the validation split has {out.rows} rows: fewer than training.num_workers="
+                             f"{cfg.num_workers}")
     if spec.init_dir is not None:
         if not os.path.isdir(spec.init_dir):
             raise ValueError(f"{spec.stage}: initial model {spec.init_dir!r} does not exist (train the teacher first)")
         theirs = saved_vocab(spec.init_dir)
         if theirs is not None and theirs != vocab:
-            raise ValueError(f"{spec.init_dir} was trained with another tokenizer than {spec.tokenizer_dir}")
+            raise ValueError(f"{spec.init_dir} was trained with another tokenizer than {spec.layout.tokenizer}")
 
 
 def check_checkpoint_world(spec: Any) -> None:
-    store = getattr(spec, "store", None)
-    if store is not None and store.remote:
-        _check_stored_checkpoint_world(spec, store)
-        return
-    for _, path in ckpt.list_checkpoints(spec.checkpoint_dir)[:1]:
+    """The newest committed checkpoint must have been written by this many workers (until resuming
+    on another worker count is possible, it is refused here, before any worker starts)."""
+    layout, run = spec.layout, spec.run
+    checkpointer = Checkpointer(layout, run, 0, spec.train.num_workers, keep=1, engine=None, parts={}, rank_parts={})
+    for _, rel in checkpointer.committed()[:1]:
         try:
-            world = ckpt.read_manifest(path).get("world_size")
-        except (OSError, ValueError):
+            world = checkpointer.manifest(rel).get("world_size")
+        except (OSError, ValueError, StorageError):
             return  # unreadable: the workers set it aside and fall back
         if world is not None and world != spec.train.num_workers:
-            raise ValueError(f"{path} was written by {world} workers; resuming needs training.num_workers={world} "
-                             f"(got {spec.train.num_workers})")
-
-
-def _check_stored_checkpoint_world(spec: Any, store: Any) -> None:
-    from workers.train import stored_checkpoint as stored
-
-    root = store.rel(spec.checkpoint_dir)
-    for _, rel in stored.committed(store, root)[:1] if root is not None else []:
-        try:
-            world = stored.read_stored_manifest(store, rel).get("world_size")
-        except (OSError, ValueError, RuntimeError):
-            return  # unreadable: the workers set it aside and fall back
-        if world is not None and world != spec.train.num_workers:
-            raise ValueError(f"{store.where(rel)} was written by {world} workers; resuming needs "
+            raise ValueError(f"{layout.store.where(rel)} was written by {world} workers; resuming needs "
                              f"training.num_workers={world} (got {spec.train.num_workers})")
 
 
 def preflight(spec: TrainSpec) -> None:
-    tokenizer = load_tokenizer(spec.tokenizer_dir)
-    collator_settings(tokenizer, read_manifest(spec.manifest_path))
+    record = read_output(spec.layout, "preprocess", PreprocessOutput)
+    tokenizer = load_tokenizer(spec.layout.path(record.tokenizer))
+    collator_settings(tokenizer, record.masking)
     if spec.init_dir is None and spec.model is not None:
         resolve_model_config(spec.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    _check_data(spec, tokenizer.get_vocab())
+    _check_data(spec, record, tokenizer.get_vocab())
     check_checkpoint_world(spec)
     check_resources(spec)

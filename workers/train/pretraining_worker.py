@@ -1,45 +1,44 @@
-"""The pretraining worker (teacher preparation and student pruning): preprocessed Parquet shards,
+"""The pretraining worker (teacher preparation and student pruning): the preprocess stage's shards,
 MLM + NSP (plus distillation from the frozen teacher for the student), validation on the
 held-out 5%, and a Hugging Face pretraining-model export. The shared machinery (engine, resume,
-steps, checkpoints) is `workers/train/worker.py`.
+steps, checkpoints) is `base_worker.py`.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-from pipelines.data.collator import collate
+from pipelines.data.collator import mlm_counts
 from pipelines.distillation import distillation_loss, teacher_logits
-from pipelines.models.heads import accepted_inputs
 from pipelines.models.build import build_pretraining_model, load_pretraining_model
+from pipelines.models.heads import accepted_inputs
 from pipelines.training.losses import metrics_from_counts, pretraining_counts, pretraining_loss
 from pipelines.training.schedule import make_lr_fn
+from workers.train.base_worker import BaseWorker, batch_seed, run_worker
 from workers.train.context import all_reduce_sum, barrier
-from workers.train.data import RankData, eval_batches, load_shard
+from workers.train.data import eval_batches
 from workers.train.export import export_model, gather_full_state
-from workers.train.inputs import collator_settings, load_tokenizer, read_manifest
+from workers.train.inputs import PretrainingInputs
 from workers.train.spec import TrainSpec
-from workers.train.worker import BaseWorker, batch_seed, run_worker
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
-class Worker(BaseWorker):
+class PretrainingWorker(BaseWorker):
     """One Ray Train worker of the teacher or student stage."""
 
     def __init__(self, spec: TrainSpec, rank: int, world_size: int, device: torch.device,
                  in_ray: bool = True) -> None:
         super().__init__(spec, rank, world_size, device, in_ray)
-        self.tokenizer = load_tokenizer(spec.tokenizer_dir)
-        self.settings = collator_settings(self.tokenizer, read_manifest(spec.manifest_path))
+        self.inputs = PretrainingInputs(spec.layout, self.seed, rank, world_size, self.cfg.samples_per_rank_per_step,
+                                        self.cfg.micro_batch_size)
+        self.tokenizer = self.inputs.tokenizer
         model = self._build_model()
         self.teacher = self._build_teacher()
-        self._setup(model)
         self.lr_fn = make_lr_fn(self.cfg, spec.pruning)
-        self.data = RankData(load_shard(spec.train_data_dir, self.rank, self.world),
-                             self.cfg.samples_per_rank_per_step, self.cfg.micro_batch_size, self.seed, self.rank)
-        self.val_table = load_shard(spec.validation_data_dir, self.rank, self.world)
+        self._setup(model)
+        self.data = self.inputs.train
 
     def _build_model(self) -> torch.nn.Module:
         if self.spec.init_dir is not None:
@@ -55,8 +54,10 @@ class Worker(BaseWorker):
 
     # -- hooks ---------------------------------------------------------------------------------
     def make_batch(self, rows: list[dict], micro: int) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, self.step, micro))
-        return collate(rows, self.settings, gen)
+        return self.inputs.batch(rows, torch.Generator().manual_seed(batch_seed(self.seed, self.rank, self.step, micro)))
+
+    def mlm_counts(self, batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+        return mlm_counts(batch)
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = accepted_inputs(self.engine, batch, MODEL_INPUTS)
@@ -74,8 +75,8 @@ class Worker(BaseWorker):
         self.engine.eval()
         counts = torch.zeros(6, dtype=torch.float64)
         gen = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, 0, 0, purpose=1))
-        for rows in eval_batches(self.val_table, self.cfg.micro_batch_size, self.cfg.eval_batches):
-            batch = {k: v.to(self.device) for k, v in collate(rows, self.settings, gen).items()}
+        for rows in eval_batches(self.inputs.validation, self.cfg.micro_batch_size, self.cfg.eval_batches):
+            batch = {k: v.to(self.device) for k, v in self.inputs.batch(rows, gen).items()}
             out = self.engine(**accepted_inputs(self.engine, batch, MODEL_INPUTS))
             counts += pretraining_counts(out, batch).cpu()
         self.engine.train()
@@ -90,9 +91,9 @@ class Worker(BaseWorker):
         full = gather_full_state(self.engine)
         report: dict[str, Any] = {}
         if self.is_rank0:
-            report = export_model(full, self.model_config, self.spec.tokenizer_dir, self.spec.model_dir,
-                                  self.spec.pruning)
-            self.tracker.artifact(self.spec.model_dir, "model")
+            report = export_model(full, self.model_config, self.layout.path(self.inputs.record.tokenizer),
+                                  self.run.model, self.spec.pruning)
+            self.tracker.artifact(self.run.model, "model")
         barrier()
         return report
 
@@ -105,4 +106,4 @@ class Worker(BaseWorker):
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point (one call per worker and attempt)."""
     spec: TrainSpec = config["spec"]
-    run_worker(lambda rank, world, device: Worker(spec, rank, world, device), spec)
+    run_worker(lambda rank, world, device: PretrainingWorker(spec, rank, world, device), spec)
