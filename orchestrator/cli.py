@@ -1,6 +1,7 @@
 """`pofa`: run, validate and list recipes.
 
-    pofa run RECIPE [--set a.b=value ...] [--run-dir DIR] [--stages s1,s2] [--force]
+    pofa run RECIPE [--set a.b=value ...] [--run-dir DIR] [--stages s1,s2] [--redo s1,s2] [--force]
+    pofa plan RECIPE [--set ...] [--run-dir DIR] [--stages ...] [--redo ...]
     pofa validate RECIPE [--set ...]
     pofa recipes
     pofa submit RECIPE --address http://HOST:8265 [--set ...] [--run-dir URI] [--wait]
@@ -11,11 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from orchestrator.jobs_cli import JOB_COMMANDS, add_job_commands, run_job_command
 from orchestrator.recipe.load import RecipeError, builtin_recipes, dump_recipe, load_recipe
 from orchestrator.rundir import RunDirError, choose_run_dir
+from workers import preemption
+from workers.preemption import Preempted
 from workers.run_layout import RunLayout
 from workers.stage_outputs import StageManifest
 
@@ -29,15 +32,25 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set preprocess.num_workers=4 (repeatable)")
 
-    run = sub.add_parser("run", help="run the pipeline (rerun the same command to resume)")
-    recipe_args(run)
-    run.add_argument("--run-dir", help="run directory (default: resume ./runs/<name>-* of the same recipe, or a new one)")
-    run.add_argument("--stages", help="comma-separated subset of stages to run, e.g. preprocess")
-    run.add_argument("--force", action="store_true", help="redo the selected stages even if their manifests match")
+    def run_args(sp: argparse.ArgumentParser) -> None:
+        recipe_args(sp)
+        sp.add_argument("--run-dir", help="run directory (default: resume the newest ./runs/<name>-* whose "
+                                          "result-defining settings are the recipe's, or a new one)")
+        sp.add_argument("--stages", help="comma-separated subset of stages to run, e.g. preprocess")
+        sp.add_argument("--redo", default="", help="comma-separated stages to start over, deleting what they hold "
+                                                   "(needed when a result-defining key of a stage with progress changed)")
+        sp.add_argument("--force", action="store_true", help="redo every selected stage, whatever it holds")
+
+    run_args(sub.add_parser("run", help="run the pipeline (rerun the same command to resume)"))
+    run_args(sub.add_parser("plan", help="print what `pofa run` would do to each stage: skip, resume, run or redo"))
 
     val = sub.add_parser("validate", help="print the resolved recipe, or its errors")
     recipe_args(val)
     sub.add_parser("recipes", help="list the built-in recipes")
+    pre = sub.add_parser("preempt-node", help="this node is going away (a Kubernetes preStop hook): training "
+                                              "workers here checkpoint and stop; waits until they did")
+    pre.add_argument("--wait", type=float, default=50.0, help="seconds to wait for them at most")
+    pre.add_argument("--whole-cluster", action="store_true", help="the head is going: every run on the cluster stops")
     add_job_commands(sub)
     return p
 
@@ -47,6 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command in JOB_COMMANDS:
         return run_job_command(args)
     try:
+        if args.command == "preempt-node":
+            return _preempt_node(args.wait, args.whole_cluster)
         if args.command == "recipes":
             recipes = builtin_recipes()
             width = max(map(len, recipes)) + 2
@@ -57,16 +72,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "validate":
             print(dump_recipe(recipe), end="")
             return 0
-        from orchestrator.job_graph import run_pipeline, select_stages
+        from orchestrator.job_graph import check_redo, run_pipeline, select_stages
 
         stages = select_stages(recipe, args.stages.split(",") if args.stages else None)
+        redo = check_redo(args.redo.split(","))
         run_dir = choose_run_dir(recipe, args.run_dir)
-        manifests = run_pipeline(recipe, run_dir, stages, args.force)
+        if args.command == "plan":
+            return _print_plan(recipe, run_dir, stages, args.force, redo)
+        manifests = run_pipeline(recipe, run_dir, stages, args.force, redo=redo)
         _summary(manifests, run_dir)
         return 0
+    except Preempted as exc:
+        print(f"pofa: {exc}", file=sys.stderr, flush=True)
+        return preemption.EXIT_CODE
     except (RecipeError, RunDirError, ValueError) as exc:
         print(f"pofa: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _preempt_node(wait_s: float, whole_cluster: bool) -> int:
+    import ray
+
+    ray.init(address="auto", log_to_driver=False)
+    node = ray.get_runtime_context().get_node_id()
+    preemption.request_node(node, whole_cluster)
+    stopped = preemption.wait_for_workers_to_stop(node, wait_s)
+    print(f"pofa: preemption notice given to {'the cluster' if whole_cluster else 'node ' + node}; training workers "
+          f"here {'stopped' if stopped else f'still running after {wait_s:g} s'}")
+    return 0
+
+
+def _print_plan(recipe: Any, run_dir: str, stages: list[str], force: bool, redo: list[str]) -> int:
+    """Reads the run directory only: no lock, no Ray, no MLflow. Exit 1 when `run` would be refused."""
+    from orchestrator.plan import plan_run
+    from orchestrator.rundir import RunDir
+    from orchestrator.stages import StageContext
+
+    rd = RunDir(run_dir)
+    if rd.store.remote:
+        rd.sync_down()
+    print(f"pofa: run directory {rd.where}")
+    plans = plan_run(recipe, StageContext(recipe, rd), stages, force, redo)
+    for p in plans:
+        print(p.line())
+    return 1 if any(p.refused for p in plans) else 0
 
 
 def _summary(manifests: dict[str, StageManifest], run_dir: str) -> None:

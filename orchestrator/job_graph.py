@@ -1,24 +1,28 @@
-"""Running the job graph: each stage is skipped when its manifest matches, else (re)done.
+"""Running the job graph: the plan (`orchestrator.plan`) says, for each stage, skip, resume, run or
+redo; the stages then run in order.
 
 Rerunning the same command is how an interrupted job resumes: finished stages are skipped, and an
-unfinished one continues from what its interrupted attempt left (shards, checkpoints) when its
-fingerprint is unchanged, or starts clean when the recipe or its inputs changed.
+unfinished one continues from what its interrupted attempt left (shards, checkpoints). Operational
+changes (workers, cadence, failure policy) resume too; a result-defining change to a stage that
+holds progress is refused before any cluster work unless the user names the stage (`--redo`).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import threading
 import time
 from typing import Callable, Iterable, Optional
 
-from orchestrator.manifest import fingerprint, why_stale, write_stage_manifest
+from orchestrator.manifest import fingerprint, write_stage_manifest
+from orchestrator.plan import PlanRefused, plan_run, refusal
 from orchestrator.recipe.schema import Recipe
 from orchestrator.rundir import RunDir, RunDirError
 from orchestrator.stages import ORDER, STAGES, StageContext
 from orchestrator.tracking import TrackingSession, flatten_params
 from pipelines.atomic import write_json_atomic
 from pipelines.sparsity.report import report_paths
+from workers import preemption
 from workers.run_layout import RunLayout
 from workers.stage_outputs import StageManifest, load_manifest
 
@@ -33,12 +37,18 @@ def select_stages(recipe: Recipe, requested: Optional[Iterable[str]]) -> list[st
 
 
 def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] = None, force: bool = False,
-                 console: Callable[[str], None] = print) -> dict[str, StageManifest]:
-    """Run the selected stages in order; returns stage -> manifest."""
+                 console: Callable[[str], None] = print, redo: Iterable[str] = ()) -> dict[str, StageManifest]:
+    """Run the selected stages in order; returns stage -> manifest. `redo`: stages to start over."""
     selected = select_stages(recipe, stages)
+    redo = check_redo(redo)
+    check_grace(recipe.ray.preemption_grace_s)
     rd = RunDir(run_dir)
     layout = rd.layout
     rd.acquire(console)
+    handler = preemption.DriverHandler(recipe.ray.preemption_grace_s, lambda: preemption.request_run(layout.where),
+                                       console)
+    if threading.current_thread() is threading.main_thread():
+        handler.install()
     manifests: dict[str, StageManifest] = {}
     connected = False
     tracking = None
@@ -48,26 +58,36 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             fetched = rd.sync_down()
             console(f"pofa: working copy {rd.path} ({fetched} files fetched from the store)")
         rd.check_recipe(recipe, force)
+        plans = {p.stage: p for p in plan_run(recipe, StageContext(recipe, rd), selected, force, redo)}
+        refused = refusal(list(plans.values()))
+        if refused:
+            raise PlanRefused(refused)
         tracking = open_tracking(recipe, rd)  # before any cluster work: an unreachable server fails here
         rd.write_recipe(recipe)
         tracking.log_artifact(layout.recipe)
         for name in selected:
-            stage = STAGES[name]
+            if preemption.driver_noticed():  # between stages: nothing to checkpoint, stop here
+                raise preemption.Preempted(name, None, None)
+            stage, plan = STAGES[name], plans[name]
             ctx = StageContext(recipe, rd)
-            config, inputs = stage.config(recipe), stage.inputs(ctx)
-            fp = fingerprint({"stage": name, "config": config, "inputs": inputs})
-            reason = "--force" if force else why_stale(layout, name, fp)
-            if reason is None:
+            if plan.action == "skip":
                 console(f"[{name}] up to date (manifest matches): skipped")
                 manifests[name] = load_manifest(layout, name)  # type: ignore[assignment]
                 continue
-            resumed = _prepare_attempt(layout, name, fp, clean=force)
+            # an upstream stage that ran just now changed this one's inputs: recompute them
+            config, inputs = stage.config(recipe), stage.inputs(ctx)
+            fp = fingerprint({"stage": name, "config": config, "inputs": inputs})
+            _prepare_attempt(layout, name, fp, config, inputs, clean=plan.action == "redo")
+            resumed = plan.action == "resume"
             rd.sync_up(layout.stage_dir(name))  # the attempt record: a rerun elsewhere continues this attempt
-            console(f"[{name}] running ({reason})")
+            console(f"[{name}] {'resuming' if resumed else 'running'} ({plan.reason})")
             if not connected and getattr(stage, "needs_ray", True):
                 from orchestrator.ray_runtime import connect
 
                 address = connect(recipe.ray)
+                if threading.current_thread() is threading.main_thread():
+                    handler.install()  # again: Ray's start installs its own SIGTERM handler (abort)
+                preemption.clear_run(layout.where)  # a notice left by a preempted earlier attempt
                 console(f"pofa: Ray at {address}")
                 tracking.set_tags({"ray.address": address})
                 connected = True
@@ -78,7 +98,8 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             try:
                 result = stage.run(ctx)
             except BaseException as exc:
-                tracking.end_stage(name, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+                tracking.end_stage(name, "KILLED" if isinstance(exc, (KeyboardInterrupt, preemption.Preempted))
+                                   else "FAILED")
                 raise
             manifests[name] = write_stage_manifest(layout, name, fp, inputs, config, result.stats, result.outputs,
                                                    result.output, started)
@@ -92,13 +113,14 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             console(view)
     except BaseException as exc:
         if tracking is not None:
-            tracking.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            tracking.finish("KILLED" if isinstance(exc, (KeyboardInterrupt, preemption.Preempted)) else "FAILED")
             try:
                 rd.sync_up()  # keep what the failed attempt finished (and the run's tracking) durable
             except RunDirError:
                 pass  # the original error matters more
         raise
     finally:
+        handler.uninstall()
         rd.release()
     return manifests
 
@@ -143,21 +165,37 @@ def _is_number(v: object) -> bool:
         return False
 
 
-def _prepare_attempt(layout: RunLayout, stage: str, fp: str, clean: bool) -> bool:
-    """Keep an interrupted attempt's partial work only if it was made with the same fingerprint.
-    Returns whether an earlier attempt is being continued."""
-    attempt = layout.attempt(stage)
-    previous = None
-    if os.path.exists(attempt):
-        with open(attempt) as f:
-            previous = json.load(f).get("fingerprint")
-    resumed = not clean and previous == fp
+def _prepare_attempt(layout: RunLayout, stage: str, fp: str, config: dict, inputs: dict, clean: bool) -> None:
+    """Start the stage over (`clean`, the plan's redo: its files go, locally and in the store) or keep
+    what an earlier attempt left; record this attempt's fingerprint, config and inputs."""
     stage_dir = layout.stage_dir(stage)
-    if not resumed:
+    if clean:
         shutil.rmtree(stage_dir, ignore_errors=True)
-        layout.delete_stored(stage_dir)  # its stored outputs and checkpoints too
+        layout.delete_stored(stage_dir)
     os.makedirs(stage_dir, exist_ok=True)
     if os.path.exists(layout.manifest(stage)):
         os.unlink(layout.manifest(stage))  # an unfinished stage must never look finished
-    write_json_atomic({"fingerprint": fp, "started": time.time()}, attempt)
-    return resumed
+    write_json_atomic({"fingerprint": fp, "config": config, "inputs": inputs, "started": time.time()},
+                      layout.attempt(stage))
+
+
+GRACE_ENV = "POFA_TERMINATION_GRACE_S"  # set by the deploy manifests to the pods' terminationGracePeriodSeconds
+GRACE_MARGIN_S = 5.0  # the stop itself (worker group shutdown, store sync) after the checkpoint
+
+
+def check_grace(grace_s: float) -> None:
+    """A grace period the pods do not allow would be cut short by SIGKILL: refused before any work."""
+    allowed = os.environ.get(GRACE_ENV)
+    if allowed and grace_s + GRACE_MARGIN_S > float(allowed):
+        raise ValueError(f"ray.preemption_grace_s={grace_s:g} does not fit the pods' termination grace period of "
+                         f"{float(allowed):g} s ({GRACE_ENV}) with {GRACE_MARGIN_S:g} s to spare: lower it or raise "
+                         "terminationGracePeriodSeconds in the manifests")
+
+
+def check_redo(redo: Iterable[str]) -> list[str]:
+    """`--redo` names stages: an unknown one is an error before anything starts."""
+    names = [s for s in redo if s]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise ValueError(f"--redo: unknown stage(s) {', '.join(unknown)} (known: {', '.join(ORDER)})")
+    return names

@@ -115,10 +115,10 @@ def code_runtime_env(root: Optional[str] = None) -> dict[str, Any]:
 
 def build_submission(recipe_arg: str, overrides: Sequence[str] = (), run_dir: Optional[str] = None,
                      stages: Optional[str] = None, force: bool = False, env: Sequence[str] = (),
-                     root: Optional[str] = None) -> Submission:
+                     root: Optional[str] = None, redo: str = "") -> Submission:
     """Validate the recipe, stages and run dir locally (RecipeError/ValueError: exit 2, nothing contacted),
     then describe the job."""
-    from orchestrator.job_graph import select_stages
+    from orchestrator.job_graph import check_redo, select_stages
     from orchestrator.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_arg, overrides)
@@ -171,10 +171,15 @@ def build_submission(recipe_arg: str, overrides: Sequence[str] = (), run_dir: Op
         args += ["--run-dir", run_dir]
     if stages:
         args += ["--stages", stages]
+    if redo:
+        check_redo(redo.split(","))  # an unknown stage fails here, before anything is sent
+        args += ["--redo", redo]
     if force:
         args.append("--force")
     # exec: `pofa stop` signals the pofa process itself, not a shell around it.
     entrypoint = f"{prefix}exec python -m orchestrator.cli run {recipe_token} {shlex.join(args)}".rstrip()
+    # (the job's driver, `pofa run`, adds the preemption setup hook when it connects: not here, Ray
+    # refuses a job env and a driver env that both set it)
     runtime_env = {**code_runtime_env(root), "env_vars": env_vars}
     metadata = {"pofa_recipe": recipe.name, "pofa_run_dir": run_dir or recipe.run_dir or ""}
     return Submission(entrypoint, runtime_env, submission_id, metadata, warnings)

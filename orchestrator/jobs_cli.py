@@ -27,7 +27,8 @@ def add_job_commands(sub: "argparse._SubParsersAction[Any]") -> None:
                    help="override a recipe value (repeatable)")
     s.add_argument("--run-dir", help="absolute path or URI on storage the cluster shares")
     s.add_argument("--stages", help="comma-separated subset of stages to run")
-    s.add_argument("--force", action="store_true", help="redo the selected stages even if their manifests match")
+    s.add_argument("--redo", default="", help="comma-separated stages to start over, deleting what they hold")
+    s.add_argument("--force", action="store_true", help="redo every selected stage, whatever it holds")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job, e.g. MLFLOW_TRACKING_URI=http://mlflow:5000")
     s.add_argument("--wait", action="store_true", help="follow the logs; exit non-zero unless the job succeeds")
@@ -104,7 +105,8 @@ def _submit(args: argparse.Namespace) -> int:
     from orchestrator import jobs
 
     # Everything local first: a bad recipe or address never reaches (or waits for) the cluster.
-    sub = jobs.build_submission(args.recipe, args.overrides, args.run_dir, args.stages, args.force, args.env)
+    sub = jobs.build_submission(args.recipe, args.overrides, args.run_dir, args.stages, args.force, args.env,
+                                redo=args.redo)
     url = jobs.resolve_address(args.address)
     for w in sub.warnings:
         jobs.stderr(f"pofa: warning: {w}")

@@ -1,8 +1,8 @@
 """Stage fingerprints, and how to tell that a finished stage is still valid.
 
 A stage is complete only when `<run>/<stage>/manifest.json` exists (`workers.stage_outputs`), its
-fingerprint equals the one the current recipe and inputs give, and every output file listed is
-present with the recorded hash.
+result-defining config and inputs are the current ones, and every output file listed is present with
+the recorded hash (`orchestrator.plan` decides from these).
 """
 from __future__ import annotations
 
@@ -36,16 +36,8 @@ def stage_fingerprint(layout: RunLayout, stage: str) -> Optional[str]:
     return manifest.fingerprint if manifest else None
 
 
-def why_stale(layout: RunLayout, stage: str, expected_fingerprint: str) -> Optional[str]:
-    """None when the stage's outputs are complete and current, else the reason to redo it."""
-    try:
-        manifest = load_manifest(layout, stage)
-    except ManifestError as exc:
-        return f"its manifest cannot be used ({str(exc).split('; redo')[0]})"
-    if manifest is None:
-        return "no manifest"
-    if manifest.fingerprint != expected_fingerprint:
-        return "its recipe section or inputs changed"
+def outputs_problem(layout: RunLayout, stage: str, manifest: StageManifest) -> Optional[str]:
+    """None when every output the manifest lists is present with its recorded hash, else what is wrong."""
     for rel, digest in manifest.outputs.items():
         path = layout.path(stage, rel)
         if not os.path.isfile(path):

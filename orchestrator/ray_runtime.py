@@ -8,6 +8,7 @@ import warnings
 import ray
 
 from orchestrator.recipe.schema import RayConfig
+from workers.preemption import SETUP_HOOK, block_sigterm_for_children
 
 log = logging.getLogger("pofa")
 
@@ -25,16 +26,25 @@ def connect(cfg: RayConfig) -> str:
                     address)
         address = None
     # Workers inherit the driver's sys.path through this, so `pofa` code from a source tree is importable.
+    # Every worker turns its first SIGTERM into a checkpoint-and-stop (workers/preemption.py).
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(),
-                                                                          os.environ.get("PYTHONPATH")]))}}
+                                                                          os.environ.get("PYTHONPATH")]))},
+                   "worker_process_setup_hook": SETUP_HOOK}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         if cfg.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
             warnings.warn(f"ray.dashboard_host={cfg.dashboard_host}: the Ray dashboard and Jobs API will accept "
                           "unauthenticated requests that run arbitrary code from anyone who can reach that address")
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host=cfg.dashboard_host,
-                 runtime_env=runtime_env, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+        # Ray's processes start with SIGTERM blocked: a SIGTERM to the whole process group (a shell's
+        # kill, a container stop) reaches the driver alone, which then stops the run in order
+        unblock = block_sigterm_for_children()
+        try:
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host=cfg.dashboard_host,
+                     runtime_env=runtime_env, log_to_driver=True, configure_logging=True,
+                     logging_level=logging.WARNING)
+        finally:
+            unblock()
     return ray.get_runtime_context().gcs_address
 
 

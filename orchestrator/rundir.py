@@ -18,6 +18,7 @@ from workers.run_layout import RunLayout
 from workers.storage import StorageError, is_uri
 from orchestrator.recipe.load import dump_recipe
 from orchestrator.recipe.schema import Recipe
+from pipelines.config_keys import changed_keys, operational_paths
 
 DEFAULT_ROOT = "runs"
 
@@ -27,8 +28,10 @@ class RunDirError(RuntimeError):
 
 
 def choose_run_dir(recipe: Recipe, explicit: Optional[str], root: str = DEFAULT_ROOT) -> str:
-    """--run-dir, else the recipe's run_dir, else the newest ./runs/<name>-* made from this same recipe
-    (so rerunning the same command resumes it), else a new ./runs/<name>-<timestamp>."""
+    """--run-dir, else the recipe's run_dir, else the newest ./runs/<name>-* whose result-defining
+    settings are this recipe's (so rerunning the same command resumes it, with other workers or
+    checkpoint cadence too), else a new ./runs/<name>-<timestamp> (a changed learning rate starts a
+    new run; the old one is kept as it is)."""
     chosen = explicit or recipe.run_dir
     if chosen and is_uri(chosen):
         return chosen  # an object store: named explicitly, never guessed
@@ -36,10 +39,12 @@ def choose_run_dir(recipe: Recipe, explicit: Optional[str], root: str = DEFAULT_
         return os.path.abspath(os.path.expanduser(chosen))
     root = os.path.abspath(root)
     if os.path.isdir(root):
-        mine = dump_recipe(recipe)
+        mine = recipe.model_dump(mode="json")
         for entry in sorted(os.listdir(root), reverse=True):
             path = os.path.join(root, entry)
-            if entry.startswith(recipe.name + "-") and _read(RunLayout.open(path).recipe) == mine:
+            text = _read(RunLayout.open(path).recipe) if entry.startswith(recipe.name + "-") else None
+            if text is not None and not changed_keys(yaml.safe_load(text) or {}, mine,
+                                                     ignore=operational_paths(Recipe)):
                 return path
     base = os.path.join(root, f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     path, n = base, 1

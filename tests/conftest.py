@@ -27,8 +27,11 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        from workers.preemption import SETUP_HOOK
+
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
+                              "worker_process_setup_hook": SETUP_HOOK})
     yield ray
     ray.shutdown()
 

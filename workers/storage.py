@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pipelines.atomic import write_json_atomic
 
 MIRROR_ENV = "POFA_MIRROR_DIR"
-DEFAULT_MIRROR = "/tmp/pofa-mirror"
+DEFAULT_MIRROR = f"/tmp/pofa-mirror-{os.getuid()}"  # per user, mode 0700: mirrors hold the run's data
 MARKERS = ("manifest.json", "MANIFEST.json")  # written last on push: they declare the rest complete
 _NEVER_SYNCED = (".lock", ".pofa-lease.json")  # per process / written straight to the store
 _PARALLEL = 8
@@ -56,11 +56,41 @@ def mirror_for(uri: str, root: Optional[str] = None) -> str:
     """The node-local mirror of a run URI: `$POFA_MIRROR_DIR/<scheme>/<bucket>/<prefix>` (the same
     path on every node, so a spec built on the driver names it for the workers too)."""
     parts = urlsplit(uri)
+    check_no_credentials(uri)
     segments = [s for s in f"{parts.hostname or ''}/{parts.path}".split("/") if s]
     if not segments or any(s in (".", "..") for s in segments):
         raise StorageError(f"run directory URI {public_uri(uri)!r} needs a bucket and a plain prefix (no '.' or '..')")
-    base = root or os.environ.get(MIRROR_ENV, DEFAULT_MIRROR)
-    return os.path.join(os.path.abspath(base), parts.scheme, *segments)
+    base = private_dir(root or os.environ.get(MIRROR_ENV, DEFAULT_MIRROR))
+    return os.path.join(base, parts.scheme, *segments)
+
+
+_SECRET_QUERY = ("access_key", "secret_key", "session_token", "credential", "password", "token")
+
+
+def check_no_credentials(uri: str) -> None:
+    """A URI never carries credentials: they would be printed, logged and saved with it."""
+    parts = urlsplit(uri)
+    secret_query = [k for k in (q.split("=", 1)[0].lower() for q in parts.query.split("&") if q)
+                    if any(word in k for word in _SECRET_QUERY)]
+    if parts.username or parts.password or secret_query:
+        raise StorageError(f"run directory URI {public_uri(uri)!r} carries credentials "
+                           f"({'user info' if parts.username else ', '.join(secret_query)}): give them to every node "
+                           "through the environment instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                           "AWS_PROFILE, or the node's role)")
+
+
+def private_dir(path: str) -> str:
+    """`path` as a directory only this user can enter (created 0700); an existing one that another
+    user owns or may write is refused: a mirror holds the run's data and must not be swapped."""
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise StorageError(f"mirror directory {path} is owned by uid {st.st_uid} or writable by others "
+                           f"(mode {st.st_mode & 0o777:o}); set {MIRROR_ENV} to a private directory")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
 
 
 def default_exclude(rel: str) -> bool:

@@ -61,9 +61,12 @@ state="${POFA_MLFLOW_STATE_DIR:-$(mktemp -d -t pofa-mlflow.XXXXXX)}"
 mkdir -p "$state"
 config="$state/basic_auth.ini"
 # Python, not sed, fills the template: URIs and passwords may contain any character sed treats specially.
-"${PYTHON:-python3}" - "$here/basic_auth.ini" "$config" "$permission" "$cache_ttl" "$auth_db" <<'PY'
+# The database URI travels in the environment, never on a command line (/proc/*/cmdline is world-readable).
+POFA_AUTH_DB="$auth_db" "${PYTHON:-python3}" - "$here/basic_auth.ini" "$config" "$permission" "$cache_ttl" <<'PY'
+import os
 import sys
-src, dst, permission, cache_ttl, auth_db = sys.argv[1:6]
+src, dst, permission, cache_ttl = sys.argv[1:5]
+auth_db = os.environ.pop("POFA_AUTH_DB")
 text = open(src).read().replace("@DEFAULT_PERMISSION@", permission).replace("@AUTH_CACHE_TTL_S@", cache_ttl)
 # configparser interpolates '%' ; double it so a password with '%' survives.
 text = text.replace("@AUTH_DATABASE_URI@", auth_db.replace("%", "%%"))
@@ -74,8 +77,9 @@ export MLFLOW_AUTH_CONFIG_PATH="$config"
 # off unless asked for, which saves its worker processes and start-up time.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
+# mlflow server reads --backend-store-uri from MLFLOW_BACKEND_STORE_URI: the password stays off argv
+export MLFLOW_BACKEND_STORE_URI="$backend"
 args=(server --app-name basic-auth
-      --backend-store-uri "$backend"
       --serve-artifacts --artifacts-destination "$artifacts"
       --host "$host" --port "$port" --workers "${POFA_MLFLOW_WORKERS:-2}")
 [[ -z "${POFA_MLFLOW_ALLOWED_HOSTS:-}" ]] || args+=(--allowed-hosts "$POFA_MLFLOW_ALLOWED_HOSTS")

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.tracking.config import TrackingConfig
+from pipelines.config_keys import operational
 from pipelines.data.config import PreprocessConfig
 from pipelines.distillation import DistillationConfig
 from pipelines.finetune.config import FinetuneConfig
@@ -29,6 +30,9 @@ class RayConfig(BaseModel):
     # How long a training stage waits for the cluster to hold its workers (nodes still joining, an
     # autoscaler adding them); 0: fail at once when the resources are not there.
     resource_wait_s: float = Field(default=0.0, ge=0)
+    # On SIGTERM (a pod eviction, a spot reclaim) a training stage checkpoints its current step and
+    # stops within this many seconds; keep it below the pods' terminationGracePeriodSeconds.
+    preemption_grace_s: float = Field(default=25.0, gt=0)
 
 
 class StudentConfig(TrainConfig):
@@ -53,17 +57,17 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    description: str = ""
+    description: str = operational("")
     seed: int = Field(default=42, ge=0, lt=2**31)
-    run_dir: Optional[str] = None
-    stages: list[StageName] = ["preprocess", "teacher", "student", "report"]
-    ray: RayConfig = RayConfig()
+    run_dir: Optional[str] = operational(None)
+    stages: list[StageName] = operational(["preprocess", "teacher", "student", "report"])
+    ray: RayConfig = operational(RayConfig())
     preprocess: Optional[PreprocessConfig] = None
     model: Optional[ModelConfig] = None
     teacher: Optional[TrainConfig] = None
     student: Optional[StudentConfig] = None
     finetune: Optional[FinetuneConfig] = None
-    tracking: TrackingConfig = TrackingConfig()
+    tracking: TrackingConfig = operational(TrackingConfig())
 
     @model_validator(mode="after")
     def _sections_for_stages(self) -> "Recipe":

@@ -17,6 +17,7 @@ from orchestrator.manifest import stage_fingerprint
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import StageContext, StageResult
 from pipelines.atomic import atomic_dir, write_json_atomic
+from pipelines.config_keys import result_defining
 from pipelines.finetune.config import FinetuneConfig, TaskConfig
 from pipelines.finetune.plan import task_train_config
 from pipelines.finetune.tasks import get_task
@@ -70,7 +71,7 @@ class FinetuneStage:
     name = "finetune"
 
     def config(self, recipe: Recipe) -> dict[str, Any]:
-        return {"seed": recipe.seed, "finetune": _section(recipe).model_dump(mode="json")}
+        return {"seed": recipe.seed, "finetune": result_defining(_section(recipe))}
 
     def inputs(self, ctx: StageContext) -> dict[str, Any]:
         ft = _section(ctx.recipe)

@@ -6,6 +6,7 @@ from typing import Any
 
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import StageContext, StageResult
+from pipelines.config_keys import result_defining
 from pipelines.data.config import SourceConfig
 
 
@@ -25,11 +26,11 @@ class PreprocessStage:
     name = "preprocess"
 
     def config(self, recipe: Recipe) -> dict[str, Any]:
-        # num_workers and cpus_per_worker do not change a byte of the output: kept out of the fingerprint;
-        # an unset sentence_per_line too, so runs made before the key existed stay valid
+        # result-defining keys only (num_workers and cpus_per_worker do not change a byte of the output);
+        # an unset sentence_per_line left out too, so runs made before the key existed stay valid
         if recipe.preprocess is None:
             raise ValueError("preprocess: the recipe has no preprocess section")
-        section = recipe.preprocess.model_dump(mode="json", exclude={"num_workers", "cpus_per_worker"})
+        section = result_defining(recipe.preprocess)
         if section["source"].get("sentence_per_line") is None:
             section["source"].pop("sentence_per_line", None)
         return {"seed": recipe.seed, "preprocess": section}

@@ -12,6 +12,7 @@ from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import StageContext, StageResult
 from orchestrator.stages.results_table import results_table, seed_table
 from pipelines.atomic import write_text_atomic
+from pipelines.config_keys import result_defining
 from pipelines.sparsity.report import report_paths
 from workers.run_layout import RunLayout
 from workers.stage_outputs import (FinetuneOutput, ReportOutput, StageManifest, TrainingOutput, load_manifest,
@@ -105,9 +106,10 @@ def _downstream(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, Stage
 class ReportStage:
     name = "report"
     needs_ray = False
+    rebuilt_freely = True  # holds no training progress: redone whenever its inputs change, never refused
 
     def config(self, recipe: Recipe) -> dict[str, Any]:
-        return {"recipe": recipe.model_dump(mode="json", exclude={"tracking", "ray"})}
+        return {"recipe": result_defining(recipe)}
 
     def inputs(self, ctx: StageContext) -> dict[str, Any]:
         return {s: stage_fingerprint(ctx.layout, s) for s in UPSTREAM}

@@ -11,6 +11,7 @@ from typing import Any
 from orchestrator.manifest import stage_fingerprint
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import StageContext, StageResult
+from pipelines.config_keys import result_defining
 from workers.stage_outputs import TrainingOutput, read_output
 
 
@@ -36,8 +37,8 @@ class TeacherStage:
     name = "teacher"
 
     def config(self, recipe: Recipe) -> dict[str, Any]:
-        return {"seed": recipe.seed, "model": recipe.model.model_dump(mode="json"),
-                "teacher": recipe.teacher.model_dump(mode="json")}
+        return {"seed": recipe.seed, "model": result_defining(recipe.model),
+                "teacher": result_defining(recipe.teacher)}
 
     def inputs(self, ctx: StageContext) -> dict[str, Any]:
         return upstream(ctx, "preprocess")
@@ -54,7 +55,7 @@ class StudentStage:
     name = "student"
 
     def config(self, recipe: Recipe) -> dict[str, Any]:
-        return {"seed": recipe.seed, "student": recipe.student.model_dump(mode="json")}
+        return {"seed": recipe.seed, "student": result_defining(recipe.student)}
 
     def inputs(self, ctx: StageContext) -> dict[str, Any]:
         return upstream(ctx, "preprocess", "teacher")

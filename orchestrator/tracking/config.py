@@ -42,6 +42,10 @@ class TrackingConfig(BaseModel):
     def _check_uri(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError(f"tracking.uri: empty string {value!r}; leave it unset for the default store")
+        if value is not None and (urlparse(value).username or urlparse(value).password):
+            raise ValueError(f"tracking.uri {shown(value)!r} carries credentials, which the recipe would save, log "
+                             "as a param and print: give a server's through MLFLOW_TRACKING_USERNAME / "
+                             "MLFLOW_TRACKING_PASSWORD, a database URI through MLFLOW_TRACKING_URI in the environment")
         return value
 
     @field_validator("experiment")
@@ -76,6 +80,15 @@ def resolve_store(config: TrackingConfig, layout: RunLayout) -> ResolvedStore:
     if is_local_database(uri):
         return ResolvedStore(uri=uri, artifact_location=layout.location_uri(layout.mlflow_artifacts))
     return ResolvedStore(uri=uri, artifact_location=None)
+
+
+def shown(uri: str) -> str:
+    """The URI as pofa prints it: a password (from MLFLOW_TRACKING_URI, say) replaced by ***."""
+    parts = urlparse(uri)
+    if not parts.password:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
 
 
 def is_local_database(uri: str) -> bool:

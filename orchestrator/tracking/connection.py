@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 from workers.run_layout import RunLayout
-from orchestrator.tracking.config import TrackingConfig, is_http, resolve_store, sqlite_path
+from orchestrator.tracking.config import TrackingConfig, is_http, resolve_store, shown, sqlite_path
 
 
 class TrackingUnreachableError(ValueError):
@@ -93,7 +93,7 @@ def _probe_server(base: str, timeout_s: float) -> None:
         if exc.code in (401, 403):
             return
         raise TrackingUnreachableError(
-            f"tracking.uri {base!r} answers HTTP but does not look like an MLflow tracking server "
+            f"tracking.uri {shown(base)!r} answers HTTP but does not look like an MLflow tracking server "
             f"(GET {url} gave HTTP {exc.code}); check the address and port"
         ) from exc
 
@@ -104,11 +104,11 @@ def _check_database_dir(uri: str, db: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrackingUnreachableError(
-            f"tracking.uri {uri!r}: cannot create the folder {str(folder)!r} for the SQLite store ({exc})"
+            f"tracking.uri {shown(uri)!r}: cannot create the folder {str(folder)!r} for the SQLite store ({exc})"
         ) from exc
     if not os.access(folder, os.W_OK):
         raise TrackingUnreachableError(
-            f"tracking.uri {uri!r}: the folder {str(folder)!r} for the SQLite store is not writable"
+            f"tracking.uri {shown(uri)!r}: the folder {str(folder)!r} for the SQLite store is not writable"
         )
 
 
@@ -120,7 +120,7 @@ def _reason(exc: BaseException) -> str:
 
 def _unreachable(uri: str, reason: str) -> str:
     return (
-        f"MLflow tracking server {uri!r} is not reachable ({reason}). Start the server, fix "
+        f"MLflow tracking server {shown(uri)!r} is not reachable ({reason}). Start the server, fix "
         "tracking.uri in the recipe or the MLFLOW_TRACKING_URI environment variable, or unset "
         "both to record into the SQLite store inside the run directory."
     )

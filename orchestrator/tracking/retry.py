@@ -19,6 +19,7 @@ from tenacity import (
 )
 from tenacity.nap import sleep as _tenacity_sleep
 
+from orchestrator.tracking.config import shown
 from orchestrator.tracking.connection import TrackingUnreachableError
 
 logger = logging.getLogger("pofa.tracking")
@@ -63,7 +64,7 @@ def retry_transient(
 
     def warn_once(state: RetryCallState) -> None:
         if state.attempt_number == 1 and state.outcome is not None:
-            logger.warning("pofa: MLflow at %s failed to %s (%s); retrying", uri, what,
+            logger.warning("pofa: MLflow at %s failed to %s (%s); retrying", shown(uri), what,
                            str(state.outcome.exception())[:200])
 
     retrying = Retrying(
@@ -78,5 +79,5 @@ def retry_transient(
     except RetryError as gave_up:
         exc = gave_up.last_attempt.exception()
         raise TrackingUnreachableError(
-            f"could not {what} in MLflow at {uri} within {give_up_after_s:g} s: {str(exc)[:300]}"
+            f"could not {what} in MLflow at {shown(uri)} within {give_up_after_s:g} s: {str(exc)[:300]}"
         ) from exc

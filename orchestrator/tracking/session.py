@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, TypeVar
 from workers.run_layout import RunLayout
 from workers.tracking import NullTracker, Tracker
 
-from orchestrator.tracking.config import ResolvedStore, TrackingConfig, default_store_uri, resolve_store
+from orchestrator.tracking.config import ResolvedStore, TrackingConfig, default_store_uri, resolve_store, shown
 from orchestrator.tracking.connection import (
     TrackingUnreachableError,
     apply_request_settings,
@@ -130,7 +130,7 @@ class TrackingSession:
             return self.client.create_experiment(name, artifact_location=self.store.artifact_location)
         if experiment.lifecycle_stage == "deleted":
             raise ValueError(
-                f"tracking.experiment {name!r} is deleted in {self.uri}; restore it in MLflow "
+                f"tracking.experiment {name!r} is deleted in {shown(self.uri)}; restore it in MLflow "
                 "or choose another tracking.experiment"
             )
         return experiment.experiment_id

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from tenacity import Retrying, retry_if_result
 
-from orchestrator.tracking.config import TrackingConfig
+from orchestrator.tracking.config import TrackingConfig, shown
 from orchestrator.tracking.connection import apply_request_settings
 from orchestrator.tracking.retry import backoff
 
@@ -175,7 +175,7 @@ class AsyncMlflowTracker:
         if left:
             logger.warning(
                 "pofa: %d tracking records for MLflow run %s could not be delivered to %s",
-                left, self.run_id, self.tracking_uri,
+                left, self.run_id, shown(self.tracking_uri),
             )
         return left == 0
 
@@ -352,7 +352,7 @@ class AsyncMlflowTracker:
             logger.warning(
                 "pofa: MLflow tracking at %s is not answering (%s). Training continues; %d records "
                 "are kept in memory and sent when it is back (retrying with backoff up to %g s).",
-                self.tracking_uri, _short(exc), self.pending, self.settings.retry_max_s,
+                shown(self.tracking_uri), _short(exc), self.pending, self.settings.retry_max_s,
             )
             with self._cond:
                 self._cond.notify_all()  # flush() callers stop waiting on a known-down server
@@ -363,7 +363,7 @@ class AsyncMlflowTracker:
             self._outage_since = None
             logger.warning(
                 "pofa: MLflow tracking at %s is back after %.0f s; sending %d buffered records.",
-                self.tracking_uri, down_for, self.pending,
+                shown(self.tracking_uri), down_for, self.pending,
             )
 
     def _get_client(self) -> Any:

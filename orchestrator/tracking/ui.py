@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 
-from orchestrator.tracking.config import is_http, sqlite_path
+from orchestrator.tracking.config import is_http, shown, sqlite_path
 
 
 def mlflow_ui_command(tracking_uri: str) -> str | None:
@@ -22,7 +22,7 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     """The page of a run on a tracking server; None for local stores."""
     if not is_http(tracking_uri):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{shown(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def how_to_view(tracking_uri: str, experiment_id: str, run_id: str) -> str:
@@ -33,4 +33,4 @@ def how_to_view(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     url = run_url(tracking_uri, experiment_id, run_id)
     if url:
         return f"MLflow: {url}"
-    return f"MLflow: tracking URI {tracking_uri}, experiment {experiment_id}, run {run_id}"
+    return f"MLflow: tracking URI {shown(tracking_uri)}, experiment {experiment_id}, run {run_id}"

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipelines.config_keys import operational
 from pipelines.data.paths import resolve_source_path
 
 
@@ -105,8 +106,8 @@ class PreprocessConfig(_Strict):
     validation_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
     min_document_tokens: int = Field(default=8, ge=1)
     documents_per_shard: int = Field(default=2000, ge=1)
-    num_workers: int = Field(default=2, ge=1)
-    cpus_per_worker: float = Field(default=1.0, gt=0)
+    num_workers: int = operational(2, ge=1)  # the output is byte-identical with any number of workers
+    cpus_per_worker: float = operational(1.0, gt=0)
     language: str = "en"
 
     @field_validator("language")

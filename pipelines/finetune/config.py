@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipelines.config_keys import operational
 from pipelines.data.paths import resolve_source_path
 from pipelines.distillation import DistillationConfig
 from pipelines.training.config import ScaleConfig, TrainConfig
@@ -66,7 +67,7 @@ class TaskConfig(BaseModel):
     epochs: float = Field(default=3.0, gt=0)
     learning_rate: float = Field(default=5e-5, gt=0)
     global_batch_size: int = Field(default=32, ge=1)
-    micro_batch_size: int = Field(default=16, ge=1)
+    micro_batch_size: int = operational(16, ge=1)  # how the global batch is accumulated, not what it is
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0)
     # A teacher already fine-tuned on this task (hub name or folder): used as is, no teacher run
@@ -75,7 +76,7 @@ class TaskConfig(BaseModel):
     # The dense teacher's own fine-tuning; None: the student's values.
     teacher_epochs: Optional[float] = Field(default=None, gt=0)
     teacher_learning_rate: Optional[float] = Field(default=None, gt=0)
-    eval_every_epochs: float = Field(default=1.0, gt=0)
+    eval_every_epochs: float = operational(1.0, gt=0)
 
     @model_validator(mode="after")
     def _geometry(self) -> "TaskConfig":
@@ -93,9 +94,10 @@ class FinetuneTrainConfig(ScaleConfig):
     adam_beta2: float = Field(default=0.999, gt=0, lt=1)
     adam_epsilon: float = Field(default=1e-8, gt=0)
     max_grad_norm: float = Field(default=1.0, ge=0)
-    checkpoint_every: int = Field(default=500, ge=1)  # optimizer steps
-    keep_checkpoints: int = Field(default=1, ge=1)
-    max_failures: int = Field(default=1, ge=-1)
+    checkpoint_every: int = operational(500, ge=1)  # optimizer steps
+    keep_checkpoints: int = operational(1, ge=1)
+    max_failures: int = operational(3, ge=-1)  # failed attempts in a row without a new checkpoint
+    retry_backoff_s: float = operational(10.0, ge=0)
 
     def for_task(self, **task_values: object) -> TrainConfig:
         """A full TrainConfig for one run (validated: batch divisibility, fp16 needs GPUs)."""

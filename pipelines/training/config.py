@@ -5,19 +5,21 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipelines.config_keys import operational
+
 
 class ScaleConfig(BaseModel):
     """Where and how a training run executes: Ray Train workers and DeepSpeed settings."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # Scale (Ray Train ScalingConfig).
-    num_workers: int = Field(default=2, ge=1)
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=0.0, ge=0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = "PACK"
-    # DeepSpeed.
-    zero_stage: int = Field(default=2, ge=0, le=3)
+    # Scale (Ray Train ScalingConfig): operational, the global batch stays the recipe's whatever they are.
+    num_workers: int = operational(2, ge=1)
+    cpus_per_worker: float = operational(1.0, gt=0)
+    gpus_per_worker: float = operational(0.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = operational("PACK")
+    # DeepSpeed. ZeRO shards the same optimisation differently; precision changes the numbers.
+    zero_stage: int = operational(2, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
@@ -27,9 +29,9 @@ class TrainConfig(ScaleConfig):
     The global batch is fixed by the recipe; gradient accumulation is derived from it so a run
     means the same thing on 2 workers or 64.
     """
-    # Batch.
+    # Batch: the global batch defines the run; the micro-batch only how it is accumulated.
     global_batch_size: int = Field(default=256, ge=1)
-    micro_batch_size: int = Field(default=32, ge=1)
+    micro_batch_size: int = operational(32, ge=1)
     # Schedule and optimizer (AdamW; BERT defaults).
     max_steps: int = Field(default=1000, ge=1)
     learning_rate: float = Field(default=5e-5, gt=0)
@@ -40,12 +42,15 @@ class TrainConfig(ScaleConfig):
     adam_beta2: float = Field(default=0.999, gt=0, lt=1)
     adam_epsilon: float = Field(default=1e-6, gt=0)
     max_grad_norm: float = Field(default=1.0, ge=0)  # 0 disables clipping
-    # Evaluation and checkpoints (in optimizer steps).
-    eval_every: int = Field(default=500, ge=1)
-    eval_batches: int = Field(default=20, ge=1)
-    checkpoint_every: int = Field(default=500, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    max_failures: int = Field(default=1, ge=-1)
+    # Evaluation, checkpoints (in optimizer steps) and the failure policy: operational.
+    eval_every: int = operational(500, ge=1)
+    eval_batches: int = operational(20, ge=1)
+    checkpoint_every: int = operational(500, ge=1)
+    keep_checkpoints: int = operational(2, ge=1)
+    # Failed attempts in a row without a new checkpoint before the stage gives up (-1: never); each
+    # retry waits retry_backoff_s, doubling up to 300 s. A new checkpoint resets the count.
+    max_failures: int = operational(3, ge=-1)
+    retry_backoff_s: float = operational(10.0, ge=0)
     # None: use the run's seed.
     seed: Optional[int] = None
 

@@ -308,3 +308,30 @@ def test_all_ray_nodes_share_one_environment() -> None:
         assert env == head, f"{role}: environment differs from the head's"
     services = compose()["services"]
     assert services["ray-worker"]["environment"] == services["ray-head"]["environment"]
+
+
+# ---------------------------------------------------------------- preemption and unattended recovery
+
+
+def test_every_ray_pod_gives_pofa_time_to_checkpoint_on_eviction() -> None:
+    from orchestrator.recipe.schema import RayConfig
+
+    grace = RayConfig().preemption_grace_s
+    [cluster] = by_kind("RayCluster")
+    for role, pod in pod_specs(cluster):
+        period = pod["terminationGracePeriodSeconds"]
+        assert period >= grace + 5, f"{role}: terminationGracePeriodSeconds {period} < {grace} + 5"
+        container = pod["containers"][0]
+        assert float(env_list(container)["POFA_TERMINATION_GRACE_S"]["value"]) == period, role
+        hook = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook[:2] == ["pofa", "preempt-node"] and float(hook[hook.index("--wait") + 1]) < period, role
+        assert ("--whole-cluster" in hook) == (role == "head"), role
+    for name in ("ray-head", "ray-worker"):
+        service = compose()["services"][name]
+        assert service["stop_grace_period"] == f"{int(float(service['environment']['POFA_TERMINATION_GRACE_S']))}s"
+
+
+def test_the_rayjob_runs_for_days_and_is_resubmitted() -> None:
+    [job] = by_kind("RayJob")
+    assert "activeDeadlineSeconds" not in job["spec"]
+    assert job["spec"]["backoffLimit"] >= 3

@@ -61,7 +61,7 @@ def server(postgres: Postgres, s3: S3Server, tmp_path_factory: pytest.TempPathFa
                 pass
             assert time.monotonic() < deadline, f"no /health in 60 s:\n{(tmp / 'server.log').read_text()}"
             time.sleep(0.5)
-        yield {"url": url, "s3": s3, "state": tmp / "state", "tmp": tmp}
+        yield {"url": url, "s3": s3, "state": tmp / "state", "tmp": tmp, "pid": proc.pid}
     finally:
         with contextlib.suppress(ProcessLookupError):  # gone already when it failed to start
             os.killpg(proc.pid, signal.SIGTERM)
@@ -177,6 +177,20 @@ def test_credentials_stay_out_of_the_rendered_config(server: dict, postgres: Pos
     assert ADMIN_PASSWORD not in text
     assert f"database_uri = {postgres.uri()}" in text and "auth_cache_ttl_seconds = 30" in text
     assert not re.search(r"@[A-Z_]+@", text), "every template field is filled in"
+    # the database URI (with its password) never appears on a command line, which any local user can read
+    import psutil
+
+    group = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == server["pid"]]
+    assert group  # the shell exec-ed into the server; it and its workers are in the group
+    for proc in group:
+        assert postgres.uri() not in " ".join(proc.cmdline()), proc.cmdline()
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return -1
 
 
 @pytest.mark.parametrize("settings, error", [

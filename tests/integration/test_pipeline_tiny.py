@@ -2,8 +2,10 @@
 MLflow. Shortened: fewer documents and steps, one fine-tuning seed."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -25,16 +27,77 @@ def _pofa(run_dir, *extra, timeout=900):
     return subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=timeout)
 
 
+def _sigterm_while(run_dir, stage: str, steps: int, *extra: str) -> dict:
+    """`pofa run` in its own process group, SIGTERM to the whole group once `stage` logged `steps`
+    steps (as a shell's kill or a container stop does); returns its exit code, output and how long it
+    took to exit."""
+    cmd = [sys.executable, "-m", "orchestrator.cli", "run", "tiny", "--run-dir", str(run_dir)]
+    for s in SHORT:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd + list(extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = run_dir / stage / "metrics.jsonl"
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            break
+        time.sleep(0.2)
+    sent = time.time()
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    return {"rc": proc.returncode, "out": out, "exit_s": time.time() - sent}
+
+
+def _committed(run_dir, stage: str) -> list[int]:
+    folder = run_dir / stage / "checkpoints"
+    return sorted(int(n[5:]) for n in os.listdir(folder) if n.startswith("step-") and (folder / n / "MANIFEST.json").exists())
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The tiny recipe as a user on a preemptible machine lives it: SIGTERM mid-teacher (no periodic
+    checkpoint falls in), a rerun with other operational settings that resumes it and is SIGTERMed
+    mid-student, a rerun with a changed learning rate that is refused, and the plain rerun that
+    finishes."""
     run_dir = tmp_path_factory.mktemp("tiny")
+    events = {"teacher": _sigterm_while(run_dir, "teacher", 10, "--set", "teacher.checkpoint_every=1000")}
+    events["teacher_steps"] = _committed(run_dir, "teacher")
+    events["student"] = _sigterm_while(run_dir, "student", 6, "--set", "teacher.max_failures=3", "--set",
+                                       "teacher.keep_checkpoints=3", "--set", "student.checkpoint_every=1000")
+    events["student_steps"] = _committed(run_dir, "student")
+    events["refused"] = _pofa(run_dir, "--set", "teacher.learning_rate=0.01", timeout=120)
+    events["teacher_after_refusal"] = _committed(run_dir, "teacher")
     res = _pofa(run_dir)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return run_dir, res.stdout
+    return run_dir, res.stdout, events
+
+
+def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes_there(tiny_run):
+    run_dir, out, events = tiny_run
+    teacher, student = events["teacher"], events["student"]
+    for event, stage, steps in ((teacher, "teacher", events["teacher_steps"]),
+                                (student, "student", events["student_steps"])):
+        assert event["rc"] == 143 and event["exit_s"] < 60, event["out"][-3000:]
+        assert len(steps) == 1 and steps[0] >= 6  # the step it was at, not a periodic checkpoint
+        assert f"[{stage}] preempted at step {steps[0]}" in event["out"]
+    assert f"[teacher] resuming (resume from step {events['teacher_steps'][0]})" in student["out"]
+    assert f"[student] resuming (resume from step {events['student_steps'][0]})" in out
+    starts = [json.loads(line)["start_step"] for line in open(run_dir / "student" / "attempts.jsonl")]
+    assert starts == [0, events["student_steps"][0]]
+
+
+def test_a_changed_learning_rate_is_refused_and_deletes_nothing(tiny_run):
+    _, _, events = tiny_run
+    refused = events["refused"]
+    assert refused.returncode == 2 and "Ray at" not in refused.stdout
+    assert "teacher.learning_rate 0.002 -> 0.01" in refused.stderr and "--redo teacher" in refused.stderr
+    # the finished teacher's checkpoints are all there: the preemption's, then the periodic ones after it
+    preempted = events["teacher_steps"][0]
+    assert events["teacher_after_refusal"] == [preempted] + [s for s in (15, 30) if s > preempted]
 
 
 def test_student_is_exported_at_90_percent_sparsity(tiny_run):
-    run_dir, out = tiny_run
+    run_dir, out, _ = tiny_run
     model_dir = run_dir / "student" / "model"
     report = json.load(open(model_dir / "sparsity.json"))
     assert abs(report["global_sparsity"] - 0.9) < 1e-3
@@ -45,7 +108,7 @@ def test_student_is_exported_at_90_percent_sparsity(tiny_run):
 
 
 def test_report_and_manifests(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir, _, _ = tiny_run
     text = (run_dir / "report" / "README.md").read_text()
     for section in ("## Data", "## Validation", "## Downstream (pattern locked)", "## Sparsity per layer",
                     "## Wall time", "## Exported models"):
@@ -58,7 +121,7 @@ def test_report_and_manifests(tiny_run):
 def test_training_honours_the_masking_contract(tiny_run):
     """The default tiny data (length 128, up to 20 predictions) give BERT's ~15% of MLM targets at
     every logged step of both pretraining stages."""
-    run_dir, _ = tiny_run
+    run_dir, _, _ = tiny_run
     for stage in ("teacher", "student"):
         fractions = [json.loads(line)["data/masked_fraction"] for line in open(run_dir / stage / "metrics.jsonl")]
         assert fractions and all(0.12 <= f <= 0.16 for f in fractions), (stage, min(fractions), max(fractions))
@@ -68,7 +131,7 @@ def test_mlflow_parent_nested_runs_and_metrics(tiny_run):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    run_dir, _ = tiny_run
+    run_dir, _, _ = tiny_run
     client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
     ids = json.load(open(run_dir / "tracking.json"))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -93,7 +156,7 @@ def test_mlflow_parent_nested_runs_and_metrics(tiny_run):
 
 
 def test_rerun_skips_every_stage_and_reuses_the_parent_run(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir, _, _ = tiny_run
     before = json.load(open(run_dir / "tracking.json"))
     res = _pofa(run_dir, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -103,7 +166,7 @@ def test_rerun_skips_every_stage_and_reuses_the_parent_run(tiny_run):
 
 
 def test_finetune_keeps_the_students_pattern_and_records_results(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir, _, _ = tiny_run
     stats = json.load(open(run_dir / "finetune" / "manifest.json"))["stats"]
     polarity = stats["results"]["polarity"]
     assert set(polarity["seeds"]) == {"42"} and 0 <= polarity["accuracy"] <= 100

@@ -78,15 +78,19 @@ def test_rerun_skips_then_redoes_what_changed(two_workers):
     os.unlink(run_dir / "preprocess" / ".shards" / (shard.split("shard-")[1][:-8] + ".json"))
     lines.clear()
     redone = _run(run_dir, ["preprocess.num_workers=2"], lines)["preprocess"]
-    assert f"[preprocess] running (output {shard} is missing)" in lines
+    assert f"[preprocess] resuming (output {shard} is missing: made again from what the stage kept)" in lines
     assert redone.outputs == manifest.outputs  # only that shard was redone, byte for byte
 
 
-def test_static_masking_and_changed_recipe_redoes_stage(ray_local, tmp_path):
+def test_static_masking_and_changed_recipe_redoes_stage_only_when_named(ray_local, tmp_path):
     lines = []
     _run(tmp_path, [], lines)
-    m = _run(tmp_path, ["preprocess.masking=static", "preprocess.dupe_factor=2"], lines)["preprocess"]
-    assert "[preprocess] running (its recipe section or inputs changed)" in lines
+    static = ["preprocess.masking=static", "preprocess.dupe_factor=2"]
+    with pytest.raises(ValueError, match=r"(?s)preprocess.masking 'dynamic' -> 'static'.*finished shard"):
+        _run(tmp_path, static, lines)
+    assert len(os.listdir(tmp_path / "preprocess" / "train")) > 0  # nothing was deleted
+    m = _run(tmp_path, static, lines, redo=["preprocess"])["preprocess"]
+    assert "[preprocess] running (--redo)" in lines
     assert abs(m.stats["masked_token_fraction"] - 0.15) < 0.02
     table = pq.read_table(tmp_path / "preprocess" / sorted(r for r in m.outputs if r.startswith("train/"))[0])
     row = table.slice(0, 1).to_pylist()[0]

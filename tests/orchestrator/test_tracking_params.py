@@ -78,3 +78,12 @@ def test_corrupt_registry_names_the_file(tmp_path):
     (tmp_path / "tracking.json").write_text("{not json")
     with pytest.raises(ValueError, match="tracking.json"):
         RunRegistry.load(tmp_path / "tracking.json")
+
+
+def test_credentials_never_ride_in_a_recipe_uri_and_are_masked_when_printed():
+    from orchestrator.tracking.config import shown
+
+    with pytest.raises(ValidationError, match="carries credentials.*MLFLOW_TRACKING_USERNAME"):
+        TrackingConfig(uri="postgresql://pofa:s3cret@db:5432/mlflow")
+    assert shown("postgresql://pofa:s3cret@db:5432/mlflow") == "postgresql://pofa:***@db:5432/mlflow"
+    assert "s3cret" not in how_to_view("http://me:s3cret@host:5000", "1", "abc")

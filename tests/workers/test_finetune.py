@@ -71,7 +71,7 @@ def _spec(task: TaskConfig, role: str, run_name: str, layout: RunLayout, init: s
 
     train_rows = kw.pop("train_rows")
     base = FinetuneTrainConfig(num_workers=2, zero_stage=2, checkpoint_every=2, keep_checkpoints=2,
-                               max_failures=kw.pop("max_failures", 0))
+                               max_failures=kw.pop("max_failures", 0), retry_backoff_s=0.2)
     return FinetuneSpec(task=task, role=role, layout=layout, run_name=run_name, init_model=init,
                         train=task_train_config(base, task, train_rows, role), seed=7, progress=False, **kw)
 

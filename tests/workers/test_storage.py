@@ -153,3 +153,17 @@ def test_resuming_with_another_worker_count_is_refused_before_training(store) ->
         check_checkpoint_world(spec)
     spec.train.num_workers = 2
     check_checkpoint_world(spec)
+
+
+def test_a_run_dir_uri_with_credentials_is_refused_and_mirrors_are_private(tmp_path) -> None:
+    for uri in ("s3://AKIAKEY:secret@bucket/runs/x", "s3://bucket/runs/x?access_key=AKIA&secret_key=s"):
+        with pytest.raises(StorageError, match="carries credentials") as err:
+            RunStore.open(uri, mirror_root=str(tmp_path / "m"))
+        assert "secret" not in str(err.value).replace("secret_key", "")
+    store = RunStore.open("s3://bucket/runs/x", mirror_root=str(tmp_path / "m"))
+    assert os.stat(tmp_path / "m").st_mode & 0o777 == 0o700 and store.local.startswith(str(tmp_path / "m"))
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)  # others could swap the mirror's files
+    with pytest.raises(StorageError, match="writable by others"):
+        RunStore.open("s3://bucket/runs/x", mirror_root=str(shared))

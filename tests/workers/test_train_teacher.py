@@ -107,3 +107,39 @@ def test_bad_input_fails_before_any_worker_starts(cluster, tmp_path):
     with pytest.raises(ValueError, match="model.name="):
         run_training(spec, echo=False)
     assert not os.path.exists(spec.run.checkpoints)
+
+
+def test_sigterm_to_a_worker_checkpoints_that_step_and_the_next_attempt_resumes(cluster, tmp_path) -> None:
+    """As a pod eviction does to one training process: its rank sees the notice, every rank stops after
+    the same step, the step is committed, and the stage goes on from it (the driver was not told)."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    run_dir = str(tmp_path)
+    make_preprocess(run_dir)
+    spec = teacher_spec(run_dir, max_steps=16, checkpoint_every=100, eval_every=100)
+
+    def evict_one_worker() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if os.path.exists(spec.run.metrics) and len(open(spec.run.metrics).readlines()) >= 5:
+                # this session's Ray runs as our descendants: its Train workers, by process title
+                workers = [p for p in psutil.Process().children(recursive=True)
+                           if "RayTrainWorker" in " ".join(p.cmdline())]
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGTERM)
+                    return
+            time.sleep(0.1)
+
+    evictor = threading.Thread(target=evict_one_worker, daemon=True)
+    evictor.start()
+    result = run_training(spec, echo=False)
+    evictor.join()
+    assert result.final_step == 16
+    preempted_at = result.start_steps[1]
+    assert len(result.start_steps) == 2 and 5 <= preempted_at < 16  # not a periodic checkpoint: there is none
+    assert committed_steps(spec) == [16, preempted_at]
+    assert sorted(read_losses(spec.run.metrics)) == list(range(1, 17))  # nothing repeated or skipped

@@ -71,7 +71,7 @@ def make_preprocess(run_dir: str, documents: int = 120, max_len: int = 32, seed:
 def tiny_train(**overrides: Any) -> dict[str, Any]:
     base = dict(num_workers=2, cpus_per_worker=1, zero_stage=2, global_batch_size=16, micro_batch_size=4,
                 max_steps=6, learning_rate=1e-3, warmup_ratio=0.1, eval_every=3, eval_batches=2,
-                checkpoint_every=2, keep_checkpoints=2, max_failures=0)
+                checkpoint_every=2, keep_checkpoints=2, max_failures=0, retry_backoff_s=0.2)
     base.update(overrides)
     return base
 
@@ -119,7 +119,9 @@ def start_ray() -> bool:
         return False
     # keep the dashboard: Ray Train V2 asks the state API whether its controller lives, and
     # without it removes the workers' placement group mid-run
-    ray.init(num_cpus=4, log_to_driver=False)
+    from workers.preemption import SETUP_HOOK
+
+    ray.init(num_cpus=4, log_to_driver=False, runtime_env={"worker_process_setup_hook": SETUP_HOOK})
     return True
 
 

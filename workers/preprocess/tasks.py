@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Iterator
 
@@ -12,8 +13,10 @@ from pipelines.data.documents import RawDocument, SkipCounter
 from pipelines.data.shard import SPLITS, process_shard
 from pipelines.data.sources import ReadUnit, iter_documents
 from pipelines.data.tokenizer import load_tokenizer
-from pipelines.atomic import write_json_atomic, write_parquet_atomic
+from pipelines.atomic import file_sha256, write_json_atomic, write_parquet_atomic
 from workers.run_layout import RunLayout
+
+logger = logging.getLogger("pofa.preprocess")
 
 
 def shard_id(unit: int, chunk: int) -> str:
@@ -73,6 +76,24 @@ class ShardProcessor:
         # Sentences are tokenized whole and cut to length later: silence the model-length warning.
         self.tokenizer.model_max_length = 1 << 30
 
+    def _finished(self, record_path: str) -> dict | None:
+        """The completion record of a shard whose files are all there with their recorded hashes; a
+        shard that is missing or damaged (a full disk, a bad copy) is made again instead."""
+        try:
+            with open(record_path) as f:
+                record = json.load(f)
+            for split, shard in record["shards"].items():
+                path = self.layout.shard(split, shard["name"])
+                if not os.path.exists(path):
+                    self.layout.pull(path)
+                if not os.path.exists(path) or file_sha256(path) != shard["sha256"]:
+                    raise ValueError(f"{path} is missing or differs from its record")
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("preprocess: shard %s is redone: %s", os.path.basename(record_path)[:-5], exc)
+            os.unlink(record_path)
+            return None
+        return record
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = [self._one(row) for row in batch.to_pylist()]
         return pa.table({"shard_id": [r["shard_id"] for r in results], "result": [json.dumps(r) for r in results]})
@@ -83,8 +104,9 @@ class ShardProcessor:
         if not os.path.exists(record_path):
             self.layout.pull(record_path)  # done by an earlier attempt on another node?
         if os.path.exists(record_path):
-            with open(record_path) as f:
-                return json.load(f)
+            done = self._finished(record_path)
+            if done is not None:
+                return done
         docs = [RawDocument(i, t, x, m) for i, t, x, m in zip(row["doc_ids"], row["titles"], row["texts"], row["markup"])]
         tables, stats = process_shard(docs, sid, self.cfg, self.seed, self.tokenizer)
         for reason, n in json.loads(row["reader_skipped"]).items():

@@ -23,6 +23,7 @@ from ray.train import Checkpoint
 
 from pipelines.atomic import write_json_atomic
 from pipelines.sparsity.callback import PruningCallback
+from workers import preemption
 from workers.jsonl import read_jsonl
 from workers.train.checkpoint_parts import EnginePart, LRPosition, RNGState, ValuePart
 from workers.train.checkpointer import Checkpointer
@@ -65,6 +66,9 @@ class BaseWorker:
                 self.layout.pull(path, prune=True)  # no stale shard of a redone stage is read here
         barrier()
         self.tracker = SafeTracker(spec.tracker, self.run.metrics, self.is_rank0)
+        node = ray.get_runtime_context().get_node_id() if in_ray else None
+        self.watch = preemption.Watch(self.layout.where, node)
+        self.preempt_requested = False  # set by train_step when any rank got a preemption notice
         self.step, self.cursor = 0, DataCursor()
         self.last_metrics: dict[str, float] = {}
         self.last_checkpoint: Optional[str] = None
@@ -150,6 +154,8 @@ class BaseWorker:
         if self.is_rank0:
             self.layout.pull(self.run.attempts)  # the history of earlier attempts, maybe from another node
             self.layout.pull(self.run.metrics)
+            read_jsonl(self.run.metrics)  # a torn last line (a kill mid-write, a full disk) is cut before appending
+            read_jsonl(self.run.attempts)
             with open(self.run.attempts, "a") as f:
                 f.write(json.dumps({"start_step": self.step, "checkpoint": self.last_checkpoint, "time": time.time(),
                                     "nodes": nodes}) + "\n")
@@ -182,7 +188,10 @@ class BaseWorker:
         if self.pruning is not None:
             self.pruning.on_step_end(self.step)
         assert sums is not None
-        reduced = all_reduce_sum(torch.cat([sums, torch.tensor([targets, maskable], dtype=torch.float64)]))
+        notice = 1.0 if self.watch.requested() else 0.0  # in the same all-reduce: every rank stops at this step
+        reduced = all_reduce_sum(torch.cat([sums, torch.tensor([targets, maskable, notice], dtype=torch.float64)]))
+        self.preempt_requested = bool(reduced[-1] > 0)
+        reduced = reduced[:-1]
         mean = reduced[:-2] / (self.world * self.cfg.grad_accum_steps)
         self.step += 1
         self.cursor = self.data.advance(self.cursor)
@@ -241,6 +250,7 @@ def run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spec
     cfg = spec.train
     start_step = worker.resume()
     progress = Progress(worker.run.name, cfg.max_steps, start_step, spec.progress and worker.is_rank0)
+    preempted = False
     while worker.step < cfg.max_steps:
         _check_fault(spec, worker.rank, worker.step)
         metrics = worker.train_step()
@@ -250,13 +260,17 @@ def run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spec
         worker.tracker.log(metrics, step)
         worker.last_metrics.update(metrics)
         progress.update(metrics)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        preempted = worker.preempt_requested
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or preempted:
             worker.save_checkpoint(metrics)
+        if preempted:  # the step is committed: end this attempt; a rerun resumes from it
+            break
     progress.close()
-    report = worker.export()
-    extra = worker.summary_extra()  # may be collective
+    report = {} if preempted else worker.export()
+    extra = {} if preempted else worker.summary_extra()  # may be collective
     if worker.is_rank0:
         summary = {"stage": worker.run.name, "final_step": worker.step, "max_steps": cfg.max_steps,
+                   "preempted": preempted,
                    "start_step": start_step, "world_size": worker.world, "global_batch_size": cfg.global_batch_size,
                    "zero_stage": cfg.zero_stage, "precision": cfg.precision, "model_dir": worker.run.model,
                    "checkpoint": worker.last_checkpoint, "metrics": worker.last_metrics,

@@ -43,6 +43,7 @@ logger = logging.getLogger("pofa.train")
 MANIFEST = "MANIFEST.json"
 CORRUPT = "CORRUPT.json"
 FORMAT = 2  # 2: named parts with sha256 per file
+READ_ATTEMPTS, READ_RETRY_S = 3, 1.0  # a checkpoint is set aside only when it fails to read this many times
 _STEP = re.compile(r"^step-(\d{8})$")
 # files only one rank loads: ours (rank-3.data.json) and DeepSpeed's ZeRO shards (zero_pp_rank_3_...)
 _RANK_FILE = re.compile(r"(?:^|/)rank-(\d+)\.|zero_pp_rank_(\d+)_")
@@ -188,10 +189,31 @@ class Checkpointer:
             if problem is None:
                 for _, old in self.committed()[self.keep:]:
                     self.layout.store.delete(old)
+                self._remove_stale(rel_step)
         problem = broadcast_from_rank0(problem)
         if problem is not None:
             raise CheckpointError(f"checkpoint at step {step} was not committed: {problem}")
+        self._remove_own_leftovers()
         return self.layout.store.where(rel_step)
+
+    def _remove_stale(self, rel_step: str) -> None:
+        """Rank 0, after a commit: folders that can never be loaded go (uncommitted steps a crash left,
+        checkpoints set aside earlier), in the store and on this node."""
+        keep = {rel.rsplit("/", 1)[1] for _, rel in self.committed()}
+        here = os.listdir(self.run.checkpoints) if os.path.isdir(self.run.checkpoints) else []
+        for folder in sorted({name.split("/", 1)[0] for name in self.layout.store.listing(self.root)} | set(here)):
+            stale = folder.startswith("corrupt-step-") or (_STEP.match(folder) and folder not in keep)
+            if stale and f"{self.root}/{folder}" != rel_step:
+                self.layout.store.delete(f"{self.root}/{folder}")
+                shutil.rmtree(os.path.join(self.run.checkpoints, folder), ignore_errors=True)
+
+    def _remove_own_leftovers(self) -> None:
+        """Every rank: staging folders of its own that a crash left on this node."""
+        mine = re.compile(rf"^\.(tmp|restore)-step-\d{{8}}\.rank-{self.rank}$")
+        if os.path.isdir(self.run.checkpoints):
+            for name in os.listdir(self.run.checkpoints):
+                if mine.match(name):
+                    shutil.rmtree(os.path.join(self.run.checkpoints, name), ignore_errors=True)
 
     def _clear_step(self, rel_step: str) -> None:
         """The same step written again after a restart starts from an empty folder; one that was set
@@ -240,29 +262,43 @@ class Checkpointer:
                 raise CheckpointError(f"{self.layout.store.where(choice)} was written by {manifest['world_size']} "
                                       f"workers; resuming needs num_workers={manifest['world_size']} (got {self.world})")
             mine = {n: i for n, i in manifest["files"].items() if file_owner(n) in (None, self.rank)}
-            folder = self._staging(int(manifest["step"]), "restore")
-            problem = None
-            try:
-                folder = self.layout.store.fetch(choice, list(mine), folder)
-                problem = _check_fetched(folder, mine)
-            except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
-                problem = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-            problems = [p for p in gather(problem) if p]
-            if not problems:
-                try:
-                    self._load_parts(folder)
-                finally:
-                    self.layout.store.discard_fetched(folder)  # DeepSpeed holds it in memory now
-                return int(manifest["step"]), self.layout.store.where(choice)
-            self.layout.store.discard_fetched(folder)
+            for attempt in range(READ_ATTEMPTS):  # the same count on every rank: the gathers stay in step
+                folder, problems = self._fetch(choice, int(manifest["step"]), mine)
+                if not problems:
+                    try:
+                        self._load_parts(folder)
+                    finally:
+                        self.layout.store.discard_fetched(folder)  # DeepSpeed holds it in memory now
+                    return int(manifest["step"]), self.layout.store.where(choice)
+                self.layout.store.discard_fetched(folder)
+                if attempt + 1 < READ_ATTEMPTS:  # a read error may pass: only a repeated one sets it aside
+                    self.warn(f"checkpoint {self.layout.store.where(choice)} did not read back ({problems[0]}); "
+                              f"reading it again")
+                    time.sleep(READ_RETRY_S * (attempt + 1))
             if self.rank == 0:
                 self.set_aside(choice, "; ".join(problems))
+
+    def _fetch(self, choice: str, step: int, mine: Mapping[str, Any]) -> tuple[str, list[str]]:
+        """This rank's share into a local folder, checked; the problems every rank found."""
+        folder = self._staging(step, "restore")
+        problem = None
+        try:
+            folder = self.layout.store.fetch(choice, list(mine), folder)
+            problem = _check_fetched(folder, mine)
+        except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+            problem = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        return folder, [p for p in gather(problem) if p]
 
     def _choose(self) -> tuple[Optional[str], Optional[str]]:
         """Rank 0: the newest committed checkpoint that verifies; broken ones are set aside."""
         try:
             for _, rel in self.committed():
                 problem = self.verify(rel)
+                for attempt in range(1, READ_ATTEMPTS):  # a passing read error must not set a good one aside
+                    if problem is None:
+                        break
+                    time.sleep(READ_RETRY_S * attempt)
+                    problem = self.verify(rel)
                 if problem is None:
                     return rel, None
                 self.set_aside(rel, problem)

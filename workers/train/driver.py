@@ -6,9 +6,10 @@ import os
 import time
 from typing import Any, Callable
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from workers import preemption
 from workers.jsonl import read_jsonl
 from workers.train.pretraining_worker import train_loop
 from workers.train.preflight import preflight
@@ -34,7 +35,8 @@ def build_trainer(spec: Any, loop: Callable[[dict], None] = train_loop) -> Torch
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=spec.run.ray_run_name, storage_path=storage_path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             # one attempt per fit(): the retry policy is run_training's (progress-aware)
+                             failure_config=FailureConfig(max_failures=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": env}),
     )
@@ -44,6 +46,64 @@ def build_trainer(spec: Any, loop: Callable[[dict], None] = train_loop) -> Torch
 # autoscaling node can take longer. Propagated from the driver to the controller at fit().
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 START_TIMEOUT_S = "600"
+
+
+def fit_with_retries(spec: Any, loop: Callable[[dict], None],
+                     sleep: Callable[[float], None] = time.sleep) -> None:
+    """Run attempts until one finishes. A failed attempt is retried after a backoff (retry_backoff_s,
+    doubling, at most 300 s) as long as attempts keep committing new checkpoints; `max_failures`
+    failed attempts in a row without a new checkpoint end the stage (-1: never). Every attempt
+    resumes from the newest checkpoint, on whatever nodes the cluster has by then."""
+    cfg = spec.train
+    failures, newest, delay = 0, _newest_step(spec), cfg.retry_backoff_s
+    started = time.time()
+    while True:
+        try:
+            with preemption.graceful_stage():
+                build_trainer(spec, loop).fit()
+            summary = _read_summary(spec)
+            if not summary.get("preempted"):
+                return
+            if preemption.run_must_stop(started):
+                raise preemption.Preempted(spec.run.name, summary.get("final_step"), summary.get("checkpoint"))
+            # a node or worker was told to go: the step is committed; resume on the nodes that remain
+            print(f"[{spec.run.name}] a node or worker was preempted at step {summary.get('final_step')}: "
+                  "resuming from its checkpoint", flush=True)
+            failures, newest, delay = 0, _newest_step(spec), cfg.retry_backoff_s
+        except TrainingFailedError as exc:
+            step = _newest_step(spec)
+            if step > newest:  # the attempt moved the run forward: a fresh count
+                failures, newest, delay = 0, step, cfg.retry_backoff_s
+            failures += 1
+            if 0 <= cfg.max_failures < failures:
+                raise
+            print(f"[{spec.run.name}] attempt failed ({_first_line(exc)}); {failures} failed attempt(s) since the "
+                  f"last new checkpoint (max_failures={cfg.max_failures}); retrying from step {newest} in {delay:g} s",
+                  flush=True)
+            sleep(delay)
+            delay = min(max(delay * 2, 1.0), MAX_BACKOFF_S)
+
+
+MAX_BACKOFF_S = 300.0
+
+
+def _read_summary(spec: Any) -> dict[str, Any]:
+    """The finished attempt's summary (rank 0 may have run on another node: its files come first)."""
+    spec.layout.pull(spec.run.root)
+    with open(spec.run.summary) as f:
+        return json.load(f)
+
+
+def _newest_step(spec: Any) -> int:
+    from workers.train.checkpointer import Checkpointer
+
+    committed = Checkpointer(spec.layout, spec.run, 0, 1, keep=1, engine=None, parts={}, rank_parts={}).committed()
+    return committed[0][0] if committed else 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:200] if text else type(exc).__name__
 
 
 def run_training(spec: Any, *, echo: bool = True, loop: Callable[[dict], None] = train_loop,
@@ -57,10 +117,8 @@ def run_training(spec: Any, *, echo: bool = True, loop: Callable[[dict], None] =
     os.makedirs(run.root, exist_ok=True)
     if os.path.exists(run.summary):
         os.remove(run.summary)  # the summary describes the attempt that finishes now
-    build_trainer(spec, loop).fit()
-    spec.layout.pull(run.root)  # rank 0 may have run on another node: its summary, logs and export
-    with open(run.summary) as f:
-        summary = json.load(f)
+    fit_with_retries(spec, loop)
+    summary = _read_summary(spec)
     summary["start_steps"] = [a["start_step"] for a in read_jsonl(run.attempts)]
     summary["elapsed_s"] = time.time() - started
     if echo:
