@@ -43,8 +43,8 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
     redo = check_redo(redo)
     check_grace(recipe.ray.preemption_grace_s)
     rd = RunDir(run_dir)
-    layout = rd.layout
     rd.acquire(console)
+    layout = rd.layout  # after acquire: on an object store it carries the lease
     handler = preemption.DriverHandler(recipe.ray.preemption_grace_s, lambda: preemption.request_run(layout.where),
                                        console)
     if threading.current_thread() is threading.main_thread():
@@ -101,6 +101,7 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
                 tracking.end_stage(name, "KILLED" if isinstance(exc, (KeyboardInterrupt, preemption.Preempted))
                                    else "FAILED")
                 raise
+            rd.check_lease()  # a process that lost the run never marks a stage finished
             manifests[name] = write_stage_manifest(layout, name, fp, inputs, config, result.stats, result.outputs,
                                                    result.output, started)
             rd.sync_up()  # the stage's outputs, then its manifest; recipe and tracking store with them

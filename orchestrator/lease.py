@@ -18,9 +18,9 @@ import time
 import uuid
 from typing import Callable, Optional
 
-from workers.storage import RunStore, StorageError
+from workers.storage import LEASE_FILE, RunStore, StorageError
 
-LEASE = ".pofa-lease.json"
+LEASE = LEASE_FILE
 LEASE_ENV = "POFA_LEASE_S"
 
 
@@ -41,6 +41,7 @@ class Lease:
         self.owner = f"pid {os.getpid()} on {socket.gethostname()}"
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.lost: Optional[str] = None  # why the lease is no longer this process's
 
     def _read(self) -> Optional[dict]:
         if not self.store.exists(LEASE):
@@ -91,6 +92,14 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
+                current = self._read()
+                if current is not None and current.get("token") != self.token:
+                    # another process took the run over (this one stalled past the expiry): never write
+                    # over its lease; the commits of this process check `lost` and stop
+                    self.lost = f"taken over by {current.get('owner')}"
+                    self.console(f"pofa: error: the run directory lease was {self.lost}; this process stops "
+                                 "without committing anything more")
+                    return
                 self._write()
             except StorageError as exc:  # a blip must not kill a days-long run; expiry needs 3 in a row
                 self.console(f"pofa: warning: could not renew the run directory lease: {exc}")

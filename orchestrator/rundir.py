@@ -6,6 +6,7 @@ mirror of it: `path` is then the mirror, `where` the URI.
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import time
@@ -88,6 +89,7 @@ class RunDir:
     def sync_up(self, path: Optional[str] = None) -> int:
         """This node's new or changed files under `path` (default: the whole run) to the store,
         manifests last."""
+        self.check_lease()
         try:
             return self.layout.push(path)
         except StorageError as exc:
@@ -113,6 +115,17 @@ class RunDir:
             self.release()
             raise RunDirError(str(exc)) from None
         self._lease = lease
+        # the layout the stages and workers get carries the lease: their commits check it is still ours
+        self.layout = RunLayout(dataclasses.replace(self.store, lease_token=lease.token))
+        self.store = self.layout.store
+
+    def check_lease(self) -> None:
+        """Before committing anything (a stage's manifest, the store sync): this process still holds
+        the run. One that lost it (stalled past the expiry, another machine took over) stops here."""
+        problem = (self._lease.lost if self._lease is not None else None) or self.store.lease_problem()
+        if problem:
+            raise RunDirError(f"run directory {self.where}: {problem}; this process stops without committing "
+                              "anything more")
 
     def _lock_local(self) -> None:
         os.makedirs(self.path, exist_ok=True)

@@ -30,7 +30,11 @@ from pipelines.atomic import write_json_atomic
 MIRROR_ENV = "POFA_MIRROR_DIR"
 DEFAULT_MIRROR = f"/tmp/pofa-mirror-{os.getuid()}"  # per user, mode 0700: mirrors hold the run's data
 MARKERS = ("manifest.json", "MANIFEST.json")  # written last on push: they declare the rest complete
-_NEVER_SYNCED = (".lock", ".pofa-lease.json")  # per process / written straight to the store
+LEASE_FILE = ".pofa-lease.json"  # which process holds a run on an object store (orchestrator/lease.py)
+_NEVER_SYNCED = (".lock", LEASE_FILE)  # per process / written straight to the store
+# Written by the driver alone; at run start the stored copy wins over a newer one a node kept (it
+# could only be a stray copy, e.g. left by a process that had lost the lease).
+STORE_WINS = ("mlflow.db", "tracking.json")
 _PARALLEL = 8
 
 _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
@@ -112,6 +116,7 @@ class RunStore:
 
     uri: str
     local: str
+    lease_token: Optional[str] = None  # the driver's lease on an object store: commits check it is still held
 
     @classmethod
     def open(cls, path_or_uri: str, mirror_root: Optional[str] = None) -> "RunStore":
@@ -322,7 +327,7 @@ class RunStore:
             try:
                 st = os.stat(self.local_path(full))
                 current = st.st_size == size and st.st_mtime >= mtime - 1e-3
-                if current or st.st_mtime > mtime + 1e-3:
+                if current or (st.st_mtime > mtime + 1e-3 and full not in STORE_WINS):
                     continue
             except FileNotFoundError:
                 pass
@@ -402,6 +407,20 @@ class RunStore:
         except Exception as exc:  # noqa: BLE001
             raise self._fail(f"write {rel}", rel, exc) from exc
 
+
+    def lease_problem(self) -> Optional[str]:
+        """None while this run's lease (if any) is still the one stored; else who took it over. Checked
+        before anything is committed, so a process that lost the run never overwrites its new holder."""
+        if not self.remote or self.lease_token is None:
+            return None
+        try:
+            lease = self.read_json(LEASE_FILE)
+        except (StorageError, ValueError) as exc:
+            return f"its lease could not be read ({exc})"
+        if not isinstance(lease, dict) or lease.get("token") != self.lease_token:
+            holder = lease.get("owner") if isinstance(lease, dict) else "another process"
+            return f"the run directory was taken over by {holder}"
+        return None
 
     # -- files staged on this node -----------------------------------------------------------------
     def publish(self, source: str, rel: str) -> None:

@@ -23,6 +23,10 @@ class StageContext:
     def layout(self) -> RunLayout:
         return self.run_dir.layout
 
+    def worker_tracker(self, key: str) -> Tracker:
+        """The tracker to ship to training workers (their records reach MLflow through the driver)."""
+        return self.tracking.worker_tracker(key) if self.tracking is not None else NullTracker()
+
 
 @dataclass
 class StageResult:

@@ -110,7 +110,7 @@ class FinetuneStage:
         if tracking is not None:
             tracking.start_stage(key, params={"task": task.name, "role": role, "seed": seed, "init_model": init_model,
                                               "max_steps": train.max_steps, "teacher_dir": teacher_dir or ""})
-            tracker = tracking.tracker(key)
+            tracker = ctx.worker_tracker(key)
         spec = FinetuneSpec(task=task, role=role, layout=ctx.layout, run_name=name, init_model=init_model, train=train,
                             seed=seed, teacher_dir=teacher_dir, lock_pattern=ft.lock_pattern,
                             qat=ft.qat and role == "student", distillation=ft.distillation, tracker=tracker,

@@ -47,7 +47,8 @@ class TeacherStage:
         from workers.train.spec import TrainSpec
 
         spec = TrainSpec(stage="teacher", layout=ctx.layout, train=ctx.recipe.teacher, model=ctx.recipe.model,
-                         seed=ctx.recipe.seed, tracker=ctx.tracker, resource_wait_s=ctx.recipe.ray.resource_wait_s)
+                         seed=ctx.recipe.seed, tracker=ctx.worker_tracker(self.name),
+                         resource_wait_s=ctx.recipe.ray.resource_wait_s)
         return _result(ctx, self.name, spec)
 
 
@@ -67,6 +68,7 @@ class StudentStage:
         teacher = read_output(ctx.layout, "teacher", TrainingOutput)  # the student starts from its export
         spec = TrainSpec(stage="student", layout=ctx.layout, train=section.train_config(),
                          init_dir=ctx.layout.path(teacher.model), pruning=section.pruning,
-                         distillation=section.distillation, seed=ctx.recipe.seed, tracker=ctx.tracker,
+                         distillation=section.distillation, seed=ctx.recipe.seed,
+                         tracker=ctx.worker_tracker(self.name),
                          resource_wait_s=ctx.recipe.ray.resource_wait_s)
         return _result(ctx, self.name, spec)

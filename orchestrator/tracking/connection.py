@@ -26,6 +26,11 @@ def apply_request_settings(timeout_s: float, max_retries: int) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
 
 
+class TrackingMisconfigured(TrackingUnreachableError):
+    """A wrong setting, not an outage (something that is not MLflow answers, a SQLite folder that
+    cannot be written): waiting would not help, so the run stops before any work."""
+
+
 def check_tracking(config: TrackingConfig, layout: RunLayout) -> str | None:
     """Preflight for the CLI (e.g. before `pofa submit`): the resolved URI, or None if disabled."""
     if not config.enabled:
@@ -92,7 +97,7 @@ def _probe_server(base: str, timeout_s: float) -> None:
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             return
-        raise TrackingUnreachableError(
+        raise TrackingMisconfigured(
             f"tracking.uri {shown(base)!r} answers HTTP but does not look like an MLflow tracking server "
             f"(GET {url} gave HTTP {exc.code}); check the address and port"
         ) from exc
@@ -103,11 +108,11 @@ def _check_database_dir(uri: str, db: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise TrackingUnreachableError(
+        raise TrackingMisconfigured(
             f"tracking.uri {shown(uri)!r}: cannot create the folder {str(folder)!r} for the SQLite store ({exc})"
         ) from exc
     if not os.access(folder, os.W_OK):
-        raise TrackingUnreachableError(
+        raise TrackingMisconfigured(
             f"tracking.uri {shown(uri)!r}: the folder {str(folder)!r} for the SQLite store is not writable"
         )
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -17,6 +19,7 @@ from workers.tracking import NullTracker, Tracker
 
 from orchestrator.tracking.config import ResolvedStore, TrackingConfig, default_store_uri, resolve_store, shown
 from orchestrator.tracking.connection import (
+    TrackingMisconfigured,
     TrackingUnreachableError,
     apply_request_settings,
     check_reachable,
@@ -60,6 +63,10 @@ class TrackingSession:
         self._trackers: dict[str | None, AsyncMlflowTracker] = {}
         self._client: Any = None
         self.resumed = False
+        self._relay: Any = None  # TrackingRelay, once a worker needs a tracker
+        # calls that need the store while it does not answer: made in order once it does
+        self._lock = threading.RLock()
+        self._waiting: list[Callable[[], Any]] | None = None
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -75,14 +82,21 @@ class TrackingSession:
         """Check the store, then find this run directory's parent run or create it.
 
         `recipe` (the resolved recipe as a dict) is logged as flattened params on the parent.
-        Raises TrackingUnreachableError within `connect_timeout_s` if a server does not answer.
+        A store that does not answer does not stop the run: the session warns, keeps every record
+        and call, and delivers them in order once it answers. A setting that cannot work (not an
+        MLflow server, a folder that cannot be written, wrong credentials) fails at once.
         """
         session = cls(config, run_dir)
         if session.enabled:
-            check_reachable(session.uri, config.connect_timeout_s)
             apply_request_settings(config.request_timeout_s, config.request_max_retries)
-            # pofa version and git commit always; the caller adds Ray address and worker count.
-            session._open_parent(run_name or session.run_dir.name, {**default_tags(), **dict(tags or {})})
+            name = run_name or session.run_dir.name
+            all_tags = {**default_tags(), **dict(tags or {})}  # the caller adds Ray address and workers
+
+            def open_parent() -> None:
+                check_reachable(session.uri, config.connect_timeout_s)
+                session._open_parent(name, all_tags)
+
+            session._boundary(open_parent)
             if recipe is not None:
                 session.log_params(flatten_params(recipe))
         return session
@@ -154,6 +168,10 @@ class TrackingSession:
         """
         if not self.enabled:
             return None
+        return self._boundary(lambda: self._start_stage(key, params, tags, fresh))
+
+    def _start_stage(self, key: str, params: Mapping[str, Any] | None, tags: Mapping[str, str] | None,
+                     fresh: bool) -> str:
         entry = self._require_entry()
         stage = entry.stages.get(key)
         stage_tags = {STAGE_TAG: key, STAGE_STATUS_TAG: "running", **dict(tags or {})}
@@ -173,7 +191,7 @@ class TrackingSession:
         entry.stages[key] = StageEntry(run_id=run_id, status="RUNNING")
         self._registry.save(self.layout.tracking_registry)
         if params:
-            self.log_params(flatten_params(params), key=key)
+            self._log_params(flatten_params(params), key)
         return run_id
 
     def end_stage(self, key: str, status: str = "FINISHED") -> None:
@@ -181,16 +199,22 @@ class TrackingSession:
         if not self.enabled:
             return
         status = _check_status(status)
-        entry = self._require_entry()
-        if key not in entry.stages:
-            raise ValueError(f"stage {key!r} was never started in this tracking session")
-        run_id = entry.stages[key].run_id
-        tracker = self._trackers.get(key)
-        if tracker is not None:
-            tracker.flush()
-        self._terminate(run_id, status, f"stage {key!r}", STAGE_STATUS_TAG)
-        entry.stages[key].status = status
-        self._registry.save(self.layout.tracking_registry)
+        if self._relay is not None:
+            self._relay.settle(key)  # what the stage's workers sent, and the files they logged
+
+        def end() -> None:
+            entry = self._require_entry()
+            if key not in entry.stages:
+                raise ValueError(f"stage {key!r} was never started in this tracking session")
+            run_id = entry.stages[key].run_id
+            tracker = self._trackers.get(key)
+            if tracker is not None:
+                tracker.flush()
+            self._terminate(run_id, status, f"stage {key!r}", STAGE_STATUS_TAG)
+            entry.stages[key].status = status
+            self._registry.save(self.layout.tracking_registry)
+
+        self._boundary(end)
 
     def stage_run_id(self, key: str) -> str | None:
         if self._entry is None or key not in self._entry.stages:
@@ -199,29 +223,53 @@ class TrackingSession:
 
     def finish(self, status: str = "FINISHED") -> None:
         """End of the pipeline: deliver everything buffered here and close the parent run."""
-        if not self.enabled or self._entry is None:
+        if not self.enabled:
             return
         status = _check_status(status)
-        for tracker in self._trackers.values():
-            tracker.close()
-        self._terminate(self._entry.parent_run_id, status, "the pipeline run", RUN_STATUS_TAG)
-        self._entry.status = status
-        self._registry.save(self.layout.tracking_registry)
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
+
+        def finish() -> None:
+            entry = self._require_entry()
+            for tracker in self._trackers.values():
+                tracker.close()
+            self._terminate(entry.parent_run_id, status, "the pipeline run", RUN_STATUS_TAG)
+            entry.status = status
+            self._registry.save(self.layout.tracking_registry)
+
+        self._boundary(finish)
+        with self._lock:
+            left = len(self._waiting) if self._waiting is not None else 0
+        if left:
+            logger.warning("pofa: MLflow at %s never answered during this run: %d call(s) and their records "
+                           "were not delivered; each stage's metrics.jsonl holds its metrics", shown(self.uri), left)
 
     # -- logging ----------------------------------------------------------------------------------
     def tracker(self, key: str | None = None) -> Tracker:
-        """The non-blocking tracker of stage `key` (None: the parent run), for the training loop.
-
-        Picklable: Ray ships it to the rank-0 worker, where it opens its own client and thread.
-        """
+        """The non-blocking tracker of stage `key` (None: the parent run), for this (the driver) process."""
         if not self.enabled:
             return NullTracker()
         return self._tracker(key)
+
+    def worker_tracker(self, key: str) -> Tracker:
+        """The tracker to ship to a stage's training workers: their records reach the store through
+        this process, the only one that writes it (`relay.py`). Needs Ray."""
+        if not self.enabled:
+            return NullTracker()
+        if self._relay is None:
+            from orchestrator.tracking.relay import TrackingRelay
+
+            self._relay = TrackingRelay(self._tracker)
+        return self._relay.tracker(key)
 
     def log_params(self, params: Mapping[str, str], key: str | None = None) -> None:
         """Record params now (synchronously): a value differing from the recorded one is an error."""
         if not self.enabled or not params:
             return
+        self._boundary(lambda: self._log_params(params, key))
+
+    def _log_params(self, params: Mapping[str, str], key: str | None) -> None:
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
 
@@ -259,8 +307,8 @@ class TrackingSession:
         """Log an exported HF folder as an MLflow transformers model; returns its model URI."""
         if not self.enabled:
             return None
-        return log_hf_model(self.uri, self._run_id_of(key), model_dir, name=name, task=task,
-                            registered_model_name=registered_model_name)
+        return self._boundary(lambda: log_hf_model(self.uri, self._run_id_of(key), model_dir, name=name, task=task,
+                                                   registered_model_name=registered_model_name))
 
     def log_stage_plots(self, key: str, out_dir: str | os.PathLike[str]) -> list[Path]:
         """Draw `loss.png` / `sparsity.png` from what stage `key` logged and attach them to its run.
@@ -271,11 +319,14 @@ class TrackingSession:
             return []
         from orchestrator.tracking.plots import stage_plots
 
-        paths = self._retry("read the metric history",
-                            lambda: stage_plots(self.client, self._run_id_of(key), out_dir))
-        for path in paths:
-            self.log_artifact(path, "plots", key=key)
-        return paths
+        def draw() -> list[Path]:
+            paths = self._retry("read the metric history",
+                                lambda: stage_plots(self.client, self._run_id_of(key), out_dir))
+            for path in paths:
+                self.log_artifact(path, "plots", key=key)
+            return paths
+
+        return self._boundary(draw) or []
 
     def flush(self, timeout_s: float | None = None) -> bool:
         return all([t.flush(timeout_s) for t in self._trackers.values()])
@@ -299,9 +350,64 @@ class TrackingSession:
         return self._client
 
     def _tracker(self, key: str | None) -> AsyncMlflowTracker:
-        if key not in self._trackers:
-            self._trackers[key] = AsyncMlflowTracker(self.uri, self._run_id_of(key), self.settings)
-        return self._trackers[key]
+        with self._lock:
+            if key not in self._trackers:
+                # the run id once it exists: records logged before (the store was down) wait for it
+                self._trackers[key] = AsyncMlflowTracker(self.uri, lambda: self._known_run_id(key), self.settings)
+            return self._trackers[key]
+
+    def _known_run_id(self, key: str | None) -> str | None:
+        if self._entry is None:
+            return None
+        if key is None:
+            return self._entry.parent_run_id
+        stage = self._entry.stages.get(key)
+        return stage.run_id if stage is not None else None
+
+    # -- a store that does not answer -----------------------------------------------------------
+    def _boundary(self, call: Callable[[], T]) -> T | None:
+        """A call that needs the store: made now, or, while the store does not answer, kept and made
+        in order once it does (None is returned then). The run never stops for MLflow."""
+        with self._lock:
+            if self._waiting is not None:
+                self._waiting.append(call)
+                return None
+        try:
+            return call()
+        except TrackingMisconfigured:
+            raise
+        except TrackingUnreachableError as exc:
+            with self._lock:
+                first = self._waiting is None
+                self._waiting = (self._waiting or []) + [call]
+            if first:
+                logger.warning("pofa: %s The run goes on: its MLflow records are kept and delivered, in order, "
+                               "when the store answers (retrying with backoff up to %g s).", exc,
+                               self.config.retry_max_s)
+                threading.Thread(target=self._deliver_later, name="pofa-tracking-reconnect", daemon=True).start()
+            return None
+
+    def _deliver_later(self) -> None:
+        delay = self.config.retry_initial_s
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    self._waiting = None
+                    logger.warning("pofa: MLflow at %s answers again; the kept records are being delivered",
+                                   shown(self.uri))
+                    return
+                call = self._waiting[0]
+            try:
+                call()
+            except TrackingUnreachableError:
+                time.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max_s)
+                continue
+            except Exception as exc:  # noqa: BLE001 - one call the store refuses must not block the rest
+                logger.warning("pofa: a kept MLflow call failed and is dropped: %s", exc)
+            with self._lock:
+                self._waiting.pop(0)
+            delay = self.config.retry_initial_s
 
     def _run_id_of(self, key: str | None) -> str:
         entry = self._require_entry()

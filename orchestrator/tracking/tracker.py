@@ -19,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from tenacity import Retrying, retry_if_result
 
@@ -84,14 +84,28 @@ class _Artifact:
     artifact_path: str | None
 
 
-class AsyncMlflowTracker:
-    """Buffered, non-blocking MLflow logging into one run, identified by an explicit run id."""
+class RunNotCreatedYet(ConnectionError):
+    """The run the records belong to is not in the store yet (the store was unreachable when the stage
+    started): the records wait, as during an outage."""
 
-    def __init__(self, tracking_uri: str, run_id: str, settings: SenderSettings | None = None) -> None:
+
+class AsyncMlflowTracker:
+    """Buffered, non-blocking MLflow logging into one run, identified by an explicit run id, or by a
+    function that gives it once the run exists (None until then: records wait, as during an outage)."""
+
+    def __init__(self, tracking_uri: str, run_id: str | Callable[[], str | None],
+                 settings: SenderSettings | None = None) -> None:
         self.tracking_uri = tracking_uri
-        self.run_id = run_id
+        self._run_id = run_id
         self.settings = settings or SenderSettings()
         self._reset_runtime()
+
+    @property
+    def run_id(self) -> str:
+        run_id = self._run_id() if callable(self._run_id) else self._run_id
+        if run_id is None:
+            raise RunNotCreatedYet("its MLflow run is created once the store answers")
+        return run_id
 
     # -- pickling: identity only; the client, queue and thread belong to one process ------------
     def __getstate__(self) -> dict[str, Any]:
@@ -116,8 +130,8 @@ class AsyncMlflowTracker:
         self._atexit_registered = False
 
     # -- the Tracker protocol ---------------------------------------------------------------------
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        timestamp = int(time.time() * 1000)
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        timestamp = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         records = []
         for key, value in metrics.items():
             try:
@@ -175,7 +189,7 @@ class AsyncMlflowTracker:
         if left:
             logger.warning(
                 "pofa: %d tracking records for MLflow run %s could not be delivered to %s",
-                left, self.run_id, shown(self.tracking_uri),
+                left, self._name(), shown(self.tracking_uri),
             )
         return left == 0
 
@@ -195,6 +209,12 @@ class AsyncMlflowTracker:
         return self._outage_since is not None
 
     # -- internals --------------------------------------------------------------------------------
+    def _name(self) -> str:
+        try:
+            return self.run_id
+        except RunNotCreatedYet:
+            return "(not created yet)"
+
     def _check_process(self) -> None:
         # A forked child (e.g. a DataLoader worker) inherits a copy without the sender thread.
         if self._pid != os.getpid():
@@ -221,7 +241,7 @@ class AsyncMlflowTracker:
             self._stop_deadline = None
             self._wake.clear()
             self._thread = threading.Thread(
-                target=self._run, name=f"{_THREAD_PREFIX}{self.run_id[:8]}", daemon=True
+                target=self._run, name=f"{_THREAD_PREFIX}{self._name()[:8]}", daemon=True
             )
             self._thread.start()
         _quiet_sender_retries()
@@ -343,7 +363,7 @@ class AsyncMlflowTracker:
         if self._dropped <= 5 or self._dropped % 1000 == 0:
             logger.warning(
                 "pofa: MLflow refused a tracking record for run %s and it is dropped (%d so far): "
-                "%r (%s)", self.run_id, self._dropped, record, _short(exc),
+                "%r (%s)", self._name(), self._dropped, record, _short(exc),
             )
 
     def _enter_outage(self, exc: Exception) -> None:

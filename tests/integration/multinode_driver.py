@@ -15,6 +15,7 @@ import sys
 import time
 
 LOSE_AFTER = "step-00000004"  # the node goes when this checkpoint exists
+KILL_DRIVER_AFTER = "step-00000012"  # then the driver, when this one is committed
 
 
 def train(run_dir: str) -> None:
@@ -32,11 +33,16 @@ def train(run_dir: str) -> None:
     session.start_stage("student")
     spec = student_spec(run_dir, num_workers=2, cpus_per_worker=1, placement_strategy="SPREAD", max_steps=24,
                         checkpoint_every=2, keep_checkpoints=2, max_failures=2)
-    spec.tracker = session.tracker("student")
+    spec.tracker = session.worker_tracker("student")  # rank 0 on another node: records go through this driver
     spec.resource_wait_s = 300  # the second worker node joins after the stage has started
     started_at = time.time()
-    with open(os.path.join(run_dir, "stage-started"), "w") as f:
-        f.write(str(started_at))
+    marker = os.path.join(run_dir, "stage-started")
+    if os.path.exists(marker):  # a resubmission: the stage started with the first driver
+        with open(marker) as f:
+            started_at = float(f.read())
+    else:
+        with open(marker, "w") as f:
+            f.write(str(started_at))
     result = run_training(spec, echo=False)
     session.end_stage("student")
     session.finish()
@@ -76,8 +82,21 @@ def main(run_dir: str) -> None:
         events["removed"] = workers[0].node_id
         time.sleep(2)
         events["added"] = cluster.add_node(num_cpus=1).node_id
+        # then the driver itself is lost mid-stage (the head pod of a RayJob): its workers go with it,
+        # and the next submission, the same command, resumes from the newest checkpoint
+        later = os.path.join(run_dir, "student", "checkpoints", KILL_DRIVER_AFTER, "MANIFEST.json")
+        deadline = time.time() + 600
+        while not os.path.exists(later) and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        if not os.path.exists(later):
+            raise RuntimeError(f"the stage never committed {KILL_DRIVER_AFTER} (driver exit code {driver.poll()})")
+        driver.kill()
+        driver.wait()
+        events["driver_killed_at"] = time.time()
+        driver = subprocess.Popen([sys.executable, "-m", "tests.integration.multinode_driver", "train", run_dir],
+                                  env=env)
         if driver.wait(timeout=600) != 0:
-            raise RuntimeError(f"the training driver failed with exit code {driver.returncode}")
+            raise RuntimeError(f"the resubmitted training driver failed with exit code {driver.returncode}")
     finally:
         if driver.poll() is None:
             driver.kill()

@@ -1,6 +1,8 @@
 """Multi-node: a head and two worker nodes (separate raylets, the second joining while the stage
-waits for it), one student worker per node, one node lost mid-stage. The stage resumes from its last checkpoint on the remaining and a re-added
-node and ends at the target sparsity; MLflow records the restart."""
+waits for it), one student worker per node, one node lost mid-stage, then the driver itself killed
+and resubmitted. The stage resumes from its last checkpoint on the remaining and a re-added node,
+again after the driver's loss, and ends at the target sparsity; MLflow records every restart; the
+rank-0 worker's records reach the driver's store through the relay."""
 from __future__ import annotations
 
 import json
@@ -39,6 +41,13 @@ def test_one_worker_per_node_then_resume_after_node_loss(report) -> None:
     assert events["removed"] not in last["nodes"] and events["added"] in last["nodes"]
     assert last["start_step"] >= 4 and last["checkpoint"].endswith(f"step-{last['start_step']:08d}")
     assert report["final_step"] == 24 and report["start_steps"][0] == 0
+
+
+def test_a_killed_driver_resumes_on_the_next_submission(report) -> None:
+    last = report["attempts"][-1]
+    assert last["time"] > report["events"]["driver_killed_at"]  # the resubmitted driver's attempt
+    assert last["start_step"] >= 12 and last["checkpoint"].endswith(f"step-{last['start_step']:08d}")
+    assert len(report["attempts"]) >= 3  # first, after the node loss, after the driver loss
 
 
 def test_resumed_stage_reaches_the_target_sparsity(report) -> None:

@@ -65,3 +65,35 @@ def test_run_dir_on_a_store_takes_and_gives_back_the_lease(store: RunStore, s3: 
         monkeypatch.setenv(name, value)
     with pytest.raises(RunDirError, match="refused"):
         RunDir(store.uri).acquire(console=lambda _: None)
+
+
+def test_a_holder_that_lost_its_lease_commits_nothing(store: RunStore) -> None:
+    """The holder stalled past the expiry and another machine took the run over: the old holder
+    never writes over the new lease, and no commit of its own (stage or checkpoint) goes through."""
+    import dataclasses
+
+    from tests.workers.test_train_checkpoint import Trainer
+    from workers.run_layout import RunLayout
+    from workers.train.checkpointer import CheckpointError
+
+    warnings: list[str] = []
+    lease = Lease(store, console=warnings.append)
+    lease.acquire()
+    holder = dataclasses.replace(store, lease_token=lease.token)
+    try:
+        assert holder.lease_problem() is None
+        store.write_json(LEASE, {"owner": "pid 7 on node-b", "token": "theirs", "heartbeat": time.time(),
+                                 "ttl_s": 3})
+        deadline = time.monotonic() + 10
+        while lease.lost is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert lease.lost == "taken over by pid 7 on node-b" and "taken over" in warnings[-1]
+        assert "pid 7 on node-b" in holder.lease_problem()
+        trainer = Trainer(RunLayout(holder))
+        trainer.train_step()
+        with pytest.raises(CheckpointError, match="taken over by pid 7 on node-b"):
+            trainer.checkpointer.save(1)
+        assert trainer.checkpointer.committed() == []
+    finally:
+        lease.release()
+    assert store.read_json(LEASE)["token"] == "theirs"  # never written over, nor removed on release

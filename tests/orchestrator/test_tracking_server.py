@@ -139,16 +139,48 @@ def test_rerun_against_server_reuses_parent(server, tmp_path):
     assert "/#/experiments/" in second.how_to_view()
 
 
-def test_unreachable_server_fails_fast_with_a_clear_error(tmp_path):
-    port = free_port()  # nothing listens there
+def test_a_server_that_is_down_at_start_stops_nothing_and_gets_everything_later(tmp_path, caplog):
+    """The run starts (and resumes) while MLflow is down: nothing waits, a warning says so, and when
+    the server comes up the parent run, the stage run, its params and metrics are all there."""
+    port = free_port()  # nothing listens there yet
+    config = TrackingConfig(uri=f"http://127.0.0.1:{port}", flush_interval_s=0.2, retry_initial_s=0.2,
+                            retry_max_s=1.0, connect_timeout_s=1.0)
     started = time.monotonic()
-    with pytest.raises(TrackingUnreachableError, match=rf"127\.0\.0\.1:{port}.*not reachable.*MLFLOW_TRACKING_URI"):
-        TrackingSession.open(TrackingConfig(uri=f"http://127.0.0.1:{port}"), tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="pofa.tracking"):
+        session = TrackingSession.open(config, tmp_path / "run", recipe={"name": "tiny", "seed": 42})
+        session.start_stage("teacher", params={"lr": 0.1})
+        tracker = session.tracker("teacher")
+        for step in (1, 2, 3):
+            tracker.log_metrics({"loss": 1.0 / step}, step)
+    assert time.monotonic() - started < 10  # the run did not wait for MLflow
+    assert any("The run goes on" in r.getMessage() for r in caplog.records)
+    assert session.parent_run_id is None and not (tmp_path / "run" / "tracking.json").exists()
+    server = MlflowServer(tmp_path / "late-server", port)
+    (tmp_path / "late-server").mkdir()
+    server.start()
+    try:
+        wait_for(lambda: session.stage_run_id("teacher") is not None, 60, "the stage run to be created")
+        session.end_stage("teacher")
+        session.finish()
+        client = MlflowClient(server.uri)
+        stage = client.get_run(session.stage_run_id("teacher"))
+        assert stage.data.params["lr"] == "0.1" and stage.info.status == "FINISHED"
+        assert [m.value for m in client.get_metric_history(stage.info.run_id, "loss")] == [1.0, 0.5, 1.0 / 3]
+        assert client.get_run(session.parent_run_id).data.params["seed"] == "42"
+    finally:
+        server.kill()
+
+
+def test_a_wrong_setting_still_fails_at_once(tmp_path):
     # A blackholed address (TEST-NET-1, never routed) must time out rather than hang.
+    started = time.monotonic()
     with pytest.raises(TrackingUnreachableError, match="192.0.2.1"):
         check_tracking(TrackingConfig(uri="http://192.0.2.1:5000", connect_timeout_s=1.0), RunLayout.open(str(tmp_path)))
     assert time.monotonic() - started < 20
-    assert not (tmp_path / "run" / "tracking.json").exists()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the database folder should be")
+    with pytest.raises(TrackingUnreachableError, match="cannot create the folder"):
+        TrackingSession.open(TrackingConfig(uri=f"sqlite:///{blocked}/sub/mlflow.db"), tmp_path / "run")
 
 
 def test_preflight_accepts_a_live_server_and_skips_disabled_tracking(server, tmp_path):

@@ -213,3 +213,38 @@ def test_disabled_tracking_touches_nothing(run_dir):
     session.finish()
     assert session.how_to_view() is None
     assert not run_dir.exists()
+
+
+def test_workers_records_reach_the_one_store_through_the_driver(ray_local, tmp_path):
+    """A rank-0 worker on "another node" (its own mirror folder, where the driver's SQLite path means
+    nothing) logs through the relay: its metrics, tags and a file land in the driver's store, and it
+    never opens a database of its own."""
+    import os
+
+    session = TrackingSession.open(TrackingConfig(flush_interval_s=0.2), tmp_path / "run", recipe={"name": "t"})
+    session.start_stage("student")
+    tracker = session.worker_tracker("student")
+    other_node = tmp_path / "node-b-mirror"
+    report = tmp_path / "run" / "student" / "summary.json"
+    report.parent.mkdir(parents=True)
+    report.write_text("{}")
+
+    @ray_local.remote(runtime_env={"env_vars": {"POFA_MIRROR_DIR": str(other_node)}})
+    def rank0(tracker, report: str) -> list[str]:
+        for step in (1, 2, 3):
+            tracker.log_metrics({"loss": 1.0 / step}, step)
+        tracker.set_tags({"student.attempts": "1"})
+        tracker.log_artifact(report)
+        tracker.flush()
+        os.makedirs(os.environ["POFA_MIRROR_DIR"], exist_ok=True)
+        return os.listdir(os.environ["POFA_MIRROR_DIR"])
+
+    assert ray_local.get(rank0.remote(tracker, str(report))) == []  # no database on that node
+    session.end_stage("student")
+    session.finish()
+    client = MlflowClient(session.uri)
+    run = client.get_run(session.stage_run_id("student"))
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.0, 0.5, 1.0 / 3]
+    assert run.data.tags["student.attempts"] == "1"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["summary.json"]
+    assert not list(other_node.rglob("mlflow.db"))

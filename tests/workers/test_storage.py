@@ -3,6 +3,7 @@ mirror sync, refused writes, and the checkpointer committing, fetching and setti
 from __future__ import annotations
 
 import json
+import time
 import os
 
 import pytest
@@ -167,3 +168,20 @@ def test_a_run_dir_uri_with_credentials_is_refused_and_mirrors_are_private(tmp_p
     os.chmod(shared, 0o777)  # others could swap the mirror's files
     with pytest.raises(StorageError, match="writable by others"):
         RunStore.open("s3://bucket/runs/x", mirror_root=str(shared))
+
+
+def test_the_stored_tracking_store_wins_over_a_newer_stray_copy(store: RunStore) -> None:
+    """A node's own mlflow.db (left by a process that could not reach the real one) is newer than the
+    stored copy: a driver starting there takes the stored one, never pushes the stray one over it."""
+    _write(store.local_path("mlflow.db"), b"the run's records")
+    _write(store.local_path("teacher/notes.txt"), b"stored")
+    store.push()
+    other = RunStore(store.uri, store.local + "-node-b")
+    _write(other.local_path("mlflow.db"), b"an empty stray database")
+    _write(other.local_path("teacher/notes.txt"), b"this node's newer change")
+    future = time.time() + 60
+    for rel in ("mlflow.db", "teacher/notes.txt"):
+        os.utime(other.local_path(rel), (future, future))
+    other.pull(prune=True)
+    assert open(other.local_path("mlflow.db"), "rb").read() == b"the run's records"
+    assert open(other.local_path("teacher/notes.txt"), "rb").read() == b"this node's newer change"

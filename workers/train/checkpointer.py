@@ -242,6 +242,9 @@ class Checkpointer:
         missing = [f for f in self._required(self.world) if f not in files]
         if missing:
             return f"incomplete: missing {missing}"
+        lost = self.layout.store.lease_problem()  # a run taken over elsewhere is never written to
+        if lost:
+            return lost
         self.layout.store.write_json(f"{rel_step}/{MANIFEST}", manifest)
         return None
 
