@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench-preprocess bench-sparsity bench-train clean
+.PHONY: install demo test test-fast bench-preprocess bench-sparsity bench-train bench-data clean
 
 install: $(STAMP)
 
@@ -44,6 +44,9 @@ bench-sparsity: install
 
 bench-train: install
 	$(PY) tests/bench/bench_train.py
+
+bench-data: install
+	$(PY) tests/bench/bench_data.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

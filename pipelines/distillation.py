@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from pipelines.data.collator import IGNORE_INDEX
 from pipelines.models.heads import mlm_logits, nsp_logits
+from pipelines.training.losses import GlobalNorm
 
 
 class DistillationConfig(BaseModel):
@@ -49,8 +50,9 @@ def _wide(x: Tensor) -> Tensor:
 
 
 def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
-          valid: Tensor | None = None) -> Tensor:
-    """Mean over rows of KL(teacher_T || student_T) * T^2; logits [..., C], `valid` selects rows."""
+          valid: Tensor | None = None, divisor: float | None = None) -> Tensor:
+    """Mean over rows of KL(teacher_T || student_T) * T^2; logits [..., C], `valid` selects rows.
+    `divisor`: divide the sum by it instead of this batch's row count (a global batch's count)."""
     classes = student_logits.shape[-1]
     s = student_logits.reshape(-1, classes)
     t = teacher_logits.detach().reshape(-1, classes)
@@ -61,7 +63,7 @@ def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
         return student_logits.sum() * 0.0  # keeps the graph and the device
     log_p_s = F.log_softmax(_wide(s) / temperature, dim=-1)
     log_p_t = F.log_softmax(_wide(t) / temperature, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) / s.shape[0]
+    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) / (divisor or s.shape[0])
     return kl * temperature**2
 
 
@@ -71,26 +73,42 @@ def combine(hard: Tensor, kd: Tensor, cfg: DistillationConfig) -> DistillationLo
 
 def mlm_nsp_loss(student_mlm: Tensor, student_nsp: Tensor | None, teacher_mlm: Tensor, teacher_nsp: Tensor | None,
                  labels: Tensor, next_sentence_label: Tensor, cfg: DistillationConfig,
-                 attention_mask: Tensor | None = None) -> DistillationLoss:
+                 attention_mask: Tensor | None = None, norm: GlobalNorm | None = None) -> DistillationLoss:
     """Pre-training student loss. hard = MLM CE + NSP CE (as BertForPreTraining);
     kd = mean of the MLM KL (per token) and the NSP KL (per pair). Models without an NSP head
-    (DistilBERT): MLM terms only."""
+    (DistilBERT): MLM terms only. Without `norm`: means over this batch; with it: this batch's
+    share of the global batch's means (the same on any number of workers)."""
     vocab = student_mlm.shape[-1]
     # CE only on the masked rows: same value as over all rows with ignore_index, ~7x less softmax work
     flat_labels = labels.reshape(-1)
     picked = flat_labels != IGNORE_INDEX
-    mlm_ce = (F.cross_entropy(_wide(student_mlm.reshape(-1, vocab)[picked]), flat_labels[picked])
+    mlm_ce = (F.cross_entropy(_wide(student_mlm.reshape(-1, vocab)[picked]), flat_labels[picked],
+                              reduction="mean" if norm is None else "sum")
               if bool(picked.any()) else student_mlm.sum() * 0.0)
     if cfg.mlm_positions == "masked":
         valid = labels != IGNORE_INDEX
+        kd_rows = norm.targets if norm is not None else None
     else:
         valid = attention_mask.bool() if attention_mask is not None else None
-    mlm_kd = kd_kl(student_mlm, teacher_mlm, cfg.temperature, valid)
+        kd_rows = norm.tokens if norm is not None else None
+    if norm is not None:
+        mlm_ce = mlm_ce / max(norm.targets, 1.0)
+    mlm_kd = kd_kl(student_mlm, teacher_mlm, cfg.temperature, valid, kd_rows)
+    scale = norm.scale if norm is not None else 1.0
     if student_nsp is None or teacher_nsp is None:
-        return combine(mlm_ce, mlm_kd, cfg)
-    hard = mlm_ce + F.cross_entropy(_wide(student_nsp.reshape(-1, 2)), next_sentence_label.reshape(-1))
-    kd = 0.5 * (mlm_kd + kd_kl(student_nsp, teacher_nsp, cfg.temperature))
-    return combine(hard, kd, cfg)
+        return _scaled(combine(mlm_ce, mlm_kd, cfg), scale)
+    nsp_ce = F.cross_entropy(_wide(student_nsp.reshape(-1, 2)), next_sentence_label.reshape(-1),
+                             reduction="mean" if norm is None else "sum")
+    if norm is not None:
+        nsp_ce = nsp_ce / max(norm.sequences, 1.0)
+    nsp_kd = kd_kl(student_nsp, teacher_nsp, cfg.temperature, divisor=norm.sequences if norm is not None else None)
+    return _scaled(combine(mlm_ce + nsp_ce, 0.5 * (mlm_kd + nsp_kd), cfg), scale)
+
+
+def _scaled(loss: DistillationLoss, scale: float) -> DistillationLoss:
+    if scale == 1.0:
+        return loss
+    return DistillationLoss(total=loss.total * scale, hard=loss.hard * scale, kd=loss.kd * scale)
 
 
 def qa_loss(student_start: Tensor, student_end: Tensor, teacher_start: Tensor, teacher_end: Tensor,
@@ -132,13 +150,14 @@ def teacher_logits(teacher: nn.Module, batch: Mapping[str, Any]) -> Any:
 
 
 def distillation_loss(task: Literal["pretraining", "qa", "classification"], student_out: Any, teacher_out: Any,
-                      batch: Mapping[str, Tensor], cfg: DistillationConfig) -> DistillationLoss:
+                      batch: Mapping[str, Tensor], cfg: DistillationConfig,
+                      norm: GlobalNorm | None = None) -> DistillationLoss:
     """Dispatch on the task with transformers model outputs (BertForPreTraining,
     *ForQuestionAnswering, *ForSequenceClassification)."""
     if task == "pretraining":
         return mlm_nsp_loss(mlm_logits(student_out), nsp_logits(student_out),
                             mlm_logits(teacher_out), nsp_logits(teacher_out),
-                            batch["labels"], batch["next_sentence_label"], cfg, batch.get("attention_mask"))
+                            batch["labels"], batch["next_sentence_label"], cfg, batch.get("attention_mask"), norm)
     if task == "qa":
         return qa_loss(student_out.start_logits, student_out.end_logits, teacher_out.start_logits,
                        teacher_out.end_logits, batch["start_positions"], batch["end_positions"], cfg)

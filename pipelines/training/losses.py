@@ -1,6 +1,7 @@
 """Dense MLM + NSP loss and the counts behind the validation metrics (as BertForPreTraining)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -11,15 +12,32 @@ from pipelines.data.collator import IGNORE_INDEX
 from pipelines.models.heads import mlm_logits as _mlm, nsp_logits as _nsp
 
 
-def pretraining_loss(outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, mlm, nsp): cross-entropies on the model's MLM and NSP logits (nsp = 0 without an NSP head)."""
+@dataclass(frozen=True)
+class GlobalNorm:
+    """The whole global batch's counts, for a loss that does not depend on how the batch is split
+    into ranks and micro-batches: each micro-batch contributes its sums divided by these, times
+    `scale` (= workers x accumulation steps, which DeepSpeed's gradient averaging divides by)."""
+
+    targets: float  # MLM targets
+    tokens: float  # real (non-padding) tokens
+    sequences: float
+    scale: float = 1.0
+
+
+def pretraining_loss(outputs: Any, batch: Mapping[str, Tensor],
+                     norm: GlobalNorm | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, mlm, nsp): cross-entropies on the model's MLM and NSP logits (nsp = 0 without an NSP head).
+    Without `norm`: means over this batch; with it: this batch's share of the global batch's means."""
     mlm_logits = _mlm(outputs).float()
+    reduction = "mean" if norm is None else "sum"
     mlm = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), batch["labels"].reshape(-1),
-                          ignore_index=IGNORE_INDEX)
+                          ignore_index=IGNORE_INDEX, reduction=reduction)
     head = _nsp(outputs)
-    if head is None:
-        return mlm, mlm, mlm.detach() * 0.0
-    nsp = F.cross_entropy(head.float().reshape(-1, 2), batch["next_sentence_label"].reshape(-1))
+    nsp = (mlm.detach() * 0.0 if head is None else
+           F.cross_entropy(head.float().reshape(-1, 2), batch["next_sentence_label"].reshape(-1), reduction=reduction))
+    if norm is not None:
+        mlm = mlm / max(norm.targets, 1.0) * norm.scale
+        nsp = nsp / max(norm.sequences, 1.0) * norm.scale
     return mlm + nsp, mlm, nsp
 
 

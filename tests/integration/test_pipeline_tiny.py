@@ -56,14 +56,15 @@ def _committed(run_dir, stage: str) -> list[int]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """The tiny recipe as a user on a preemptible machine lives it: SIGTERM mid-teacher (no periodic
-    checkpoint falls in), a rerun with other operational settings that resumes it and is SIGTERMed
-    mid-student, a rerun with a changed learning rate that is refused, and the plain rerun that
-    finishes."""
+    checkpoint falls in), a rerun with other operational settings, one worker instead of two among
+    them, that resumes it and is SIGTERMed mid-student, a rerun with a changed learning rate that is
+    refused, and the plain rerun that finishes."""
     run_dir = tmp_path_factory.mktemp("tiny")
     events = {"teacher": _sigterm_while(run_dir, "teacher", 10, "--set", "teacher.checkpoint_every=1000")}
     events["teacher_steps"] = _committed(run_dir, "teacher")
     events["student"] = _sigterm_while(run_dir, "student", 6, "--set", "teacher.max_failures=3", "--set",
-                                       "teacher.keep_checkpoints=3", "--set", "student.checkpoint_every=1000")
+                                       "teacher.keep_checkpoints=3", "--set", "teacher.num_workers=1", "--set",
+                                       "student.checkpoint_every=1000")
     events["student_steps"] = _committed(run_dir, "student")
     events["refused"] = _pofa(run_dir, "--set", "teacher.learning_rate=0.01", timeout=120)
     events["teacher_after_refusal"] = _committed(run_dir, "teacher")
@@ -81,6 +82,8 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes_there(tiny_r
         assert len(steps) == 1 and steps[0] >= 6  # the step it was at, not a periodic checkpoint
         assert f"[{stage}] preempted at step {steps[0]}" in event["out"]
     assert f"[teacher] resuming (resume from step {events['teacher_steps'][0]})" in student["out"]
+    teacher_attempts = [json.loads(line) for line in open(run_dir / "teacher" / "attempts.jsonl")]
+    assert [len(a["nodes"]) for a in teacher_attempts] == [2, 1]  # resumed on one worker instead of two
     assert f"[student] resuming (resume from step {events['student_steps'][0]})" in out
     starts = [json.loads(line)["start_step"] for line in open(run_dir / "student" / "attempts.jsonl")]
     assert starts == [0, events["student_steps"][0]]

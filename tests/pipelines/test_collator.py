@@ -1,10 +1,14 @@
-"""Padding, labels and batch-time masking of the pretraining collator."""
+"""Padding, labels and batch-time masking of the pretraining collator, from Arrow columns."""
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
-from pipelines.data.collator import IGNORE_INDEX, CollatorSettings, collate, num_predictions
+from pipelines.data.collator import IGNORE_INDEX, CollatorSettings, num_predictions, sample_keys
+from pipelines.data.collator import collate as collate_table
+from pipelines.data.shard import SCHEMA
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SETTINGS = CollatorSettings(pad_id=PAD, mask_id=MASK, vocab_size=100, special_ids=frozenset({PAD, UNK, CLS, SEP, MASK}),
@@ -17,8 +21,15 @@ def row(n_a: int, n_b: int, nsp: int = 0, start: int = 10) -> dict:
             "masked_lm_positions": [], "masked_lm_ids": []}
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def gen(seed: int) -> int:
+    return seed
+
+
+def collate(rows: list[dict], settings: CollatorSettings, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """The rows as the Parquet shards hold them; sample keys from (seed, position) as the trainer does."""
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    keys = None if seed is None else sample_keys(seed, 0, np.arange(len(rows)))
+    return collate_table(table, settings, keys)
 
 
 def test_pads_to_the_longest_row_with_masks_and_labels():
@@ -39,7 +50,8 @@ def test_dynamic_masking_counts_and_positions():
         original = torch.tensor(r["input_ids"])
         labels = batch["labels"][i, :len(original)]
         chosen = labels != IGNORE_INDEX
-        assert int(chosen.sum()) == num_predictions(len(original), len(original) - 3, SETTINGS) == 4
+        n = num_predictions(np.array([len(original)]), np.array([len(original) - 3]), SETTINGS)
+        assert int(chosen.sum()) == int(n[0]) == 4
         assert torch.equal(labels[chosen], original[chosen])  # labels are the original tokens
         assert not any(int(t) in SETTINGS.special_ids for t in original[chosen])  # specials never chosen
         unchanged = batch["input_ids"][i, :len(original)][~chosen]
@@ -66,11 +78,19 @@ def test_80_10_10_replacement():
     assert 0.08 < int(kept.sum()) / total < 0.13
 
 
-def test_same_generator_seed_same_masks():
+def test_same_keys_same_masks_whatever_batch_a_sample_is_in():
     rows = [row(10, 12, start=10 + i) for i in range(4)]
     a, b, c = collate(rows, SETTINGS, gen(7)), collate(rows, SETTINGS, gen(7)), collate(rows, SETTINGS, gen(8))
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
     assert not torch.equal(a["labels"], c["labels"])
+    # a sample's masks follow its key: split into two batches (as with more workers), the same masks
+    keys = sample_keys(7, 0, np.arange(4))
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    halves = [collate_table(table.slice(i, 2), SETTINGS, keys[i:i + 2]) for i in (0, 2)]
+    width = a["labels"].shape[1]
+    for i, half in enumerate(halves):
+        assert torch.equal(half["labels"], a["labels"][2 * i:2 * i + 2, :half["labels"].shape[1]])
+        assert (a["labels"][2 * i:2 * i + 2, half["labels"].shape[1]:width] == IGNORE_INDEX).all()
 
 
 def test_static_masking_uses_the_stored_positions():
@@ -87,10 +107,14 @@ def test_static_masking_uses_the_stored_positions():
 
 
 def test_bad_input_is_refused():
-    with pytest.raises(ValueError, match="Generator"):
+    with pytest.raises(ValueError, match="sample key"):
         collate([row(3, 3)], SETTINGS)
     with pytest.raises(ValueError, match="empty"):
         collate([], SETTINGS, gen(0))
+    outside = row(3, 3)
+    outside["masked_lm_positions"], outside["masked_lm_ids"] = [40], [5]
+    with pytest.raises(ValueError, match="outside input_ids"):
+        collate([outside], CollatorSettings(**{**SETTINGS.__dict__, "masking": "static"}))
     bad = row(3, 3)
     bad["masked_lm_positions"], bad["masked_lm_ids"] = [1, 2], [5]
     with pytest.raises(ValueError, match="differ"):

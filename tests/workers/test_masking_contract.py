@@ -14,17 +14,20 @@ import torch
 from pipelines.data.collator import IGNORE_INDEX, mlm_counts
 from tests.workers.train_fixture import make_preprocess
 from workers.stage_outputs import ManifestError, PreprocessOutput, read_output
-from workers.train.base_worker import batch_seed
-from workers.train.data import DataCursor
 from workers.train.inputs import PretrainingInputs, check_shards, split_files
+from workers.train.streaming import GlobalCursor
+
+
+def _inputs(layout, samples: int = 16, micro: int = 8) -> PretrainingInputs:
+    return PretrainingInputs(layout, seed=7, rank=0, world=1, global_batch=samples, micro_batch=micro, eval_samples=8)
 
 
 def _step_batches(layout, steps: int = 3, samples: int = 16, micro: int = 8) -> list[dict[str, torch.Tensor]]:
-    inputs = PretrainingInputs(layout, seed=7, rank=0, world=1, samples_per_step=samples, micro_batch_size=micro)
-    out, cursor = [], DataCursor()
-    for step in range(steps):
-        for m, rows in enumerate(inputs.train.step_batches(cursor)):
-            out.append(inputs.batch(rows, torch.Generator().manual_seed(batch_seed(7, 0, step, m))))
+    """The micro-batches of the first steps, exactly as the pretraining worker gets them."""
+    inputs = _inputs(layout, samples, micro)
+    out, cursor = [], GlobalCursor()
+    for _ in range(steps):
+        out += inputs.train.step_batches(cursor)
         cursor = inputs.train.advance(cursor)
     return out
 
@@ -60,10 +63,11 @@ def test_static_masks_are_the_stored_ones_and_never_masked_again(tmp_path) -> No
     layout = make_preprocess(str(tmp_path), documents=60, masking="static", dupe_factor=2)
     record = read_output(layout, "preprocess", PreprocessOutput)
     assert record.masking.kind == "static" and record.masking.copies == 2
-    inputs = PretrainingInputs(layout, seed=7, rank=0, world=1, samples_per_step=16, micro_batch_size=16)
-    rows = inputs.train.step_batches(DataCursor())[0]
-    batch = inputs.batch(rows, torch.Generator().manual_seed(1))
-    for i, row in enumerate(rows):
+    inputs = _inputs(layout, 16, 16)
+    batch = inputs.train.step_batches(GlobalCursor())[0]
+    rows = inputs.train.order.rows_at(0, 0, 16)
+    stored = pa.concat_tables(inputs.train.files.read(i) for i in range(len(inputs.train.files.paths)))
+    for i, row in enumerate(stored.take(pa.array(rows)).to_pylist()):
         n = len(row["input_ids"])
         assert batch["input_ids"][i, :n].tolist() == row["input_ids"]  # the stored (masked) ids, as they are
         labelled = torch.nonzero(batch["labels"][i] != IGNORE_INDEX).flatten().tolist()

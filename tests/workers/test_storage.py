@@ -148,8 +148,9 @@ def test_resuming_with_another_worker_count_is_refused_before_training(store) ->
 
     layout = _layout(store, "a")
     layout.store.write_json("student/checkpoints/step-00000002/MANIFEST.json",
-                            {"format": FORMAT, "step": 2, "world_size": 2, "files": {}})
-    spec = SimpleNamespace(layout=layout, run=layout.training("student"), train=SimpleNamespace(num_workers=1))
+                            {"format": FORMAT, "step": 2, "world_size": 2, "zero_stage": 2, "files": {}})
+    spec = SimpleNamespace(layout=layout, run=layout.training("student"), elastic=False,
+                           train=SimpleNamespace(num_workers=1, zero_stage=2))
     with pytest.raises(ValueError, match="written by 2 workers.*num_workers=2"):
         check_checkpoint_world(spec)
     spec.train.num_workers = 2

@@ -67,13 +67,18 @@ def test_student_needs_the_teacher_and_its_tokenizer(run_dir, tmp_path):
         preflight(student)
 
 
-def test_resuming_with_another_worker_count_is_refused(run_dir, tmp_path):
+def test_what_cannot_resume_on_another_worker_count_is_refused(run_dir, tmp_path):
     s = spec(run_dir, num_workers=2)
     step = s.run.checkpoint_step(2)
-    s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)),
-                              {"format": FORMAT, "step": 2, "world_size": 4, "files": {}})
+    manifest = {"format": FORMAT, "step": 2, "world_size": 4, "zero_stage": 2, "files": {}}
+    s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)), manifest)
     try:
-        with pytest.raises(ValueError, match="written by 4 workers; resuming needs training.num_workers=4"):
+        s.elastic = False  # a data cursor per worker, as fine-tuning keeps
+        with pytest.raises(ValueError, match="written by 4 workers at ZeRO-2.*resumes only with num_workers=4"):
+            preflight(s)
+        s.elastic = True
+        s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)), {**manifest, "zero_stage": 0})
+        with pytest.raises(ValueError, match="written at ZeRO-0; resuming it at ZeRO-2 is not supported"):
             preflight(s)
     finally:
         import shutil

@@ -36,7 +36,7 @@ def _toy_corpus(path: str, documents: int, seed: int, lines: tuple[int, int] = (
 
 def make_preprocess(run_dir: str, documents: int = 120, max_len: int = 32, seed: int = 0, masking: str = "dynamic",
                     max_predictions_per_seq: int = 5, dupe_factor: int = 1,
-                    lines: tuple[int, int] = (4, 9)) -> RunLayout:
+                    lines: tuple[int, int] = (4, 9), shards: int = 3) -> RunLayout:
     """The preprocess stage's real output for a toy corpus, made by its real producers without Ray:
     `prepare_tokenizer`, `read_shards` and `ShardProcessor` (the Ray Data stage's two halves), then
     `finish_preprocess` and the manifest writer the orchestrator uses. Returns the run's layout."""
@@ -54,7 +54,7 @@ def make_preprocess(run_dir: str, documents: int = 120, max_len: int = 32, seed:
     cfg = PreprocessConfig.model_validate({
         "source": {"kind": "text", "path": corpus}, "tokenizer": {"name": vocab_dir}, "max_seq_length": max_len,
         "masking": masking, "max_predictions_per_seq": max_predictions_per_seq, "dupe_factor": dupe_factor,
-        "validation_fraction": 0.2, "documents_per_shard": max(1, documents // 3), "min_document_tokens": 8})
+        "validation_fraction": 0.2, "documents_per_shard": max(1, documents // shards), "min_document_tokens": 8})
     started = time.time()
     prepare_tokenizer(cfg, layout)
     units = read_units(cfg.source)
@@ -131,8 +131,9 @@ def read_weights(model_dir: str) -> dict:
     return load_file(os.path.join(model_dir, "model.safetensors"))
 
 
-def make_teacher_export(run_dir: str, seed: int = 3) -> str:
-    """A from-scratch tiny BERT saved like the teacher stage's export, for student tests."""
+def make_teacher_export(run_dir: str, seed: int = 3, dropout: float | None = None) -> str:
+    """A from-scratch tiny BERT saved like the teacher stage's export, for student tests. `dropout=0`:
+    a model whose steps do not depend on which worker's random stream runs them (elastic tests)."""
     from transformers import AutoTokenizer
 
     from pipelines.models.build import build_pretraining_model
@@ -142,6 +143,8 @@ def make_teacher_export(run_dir: str, seed: int = 3) -> str:
     tok = AutoTokenizer.from_pretrained(layout.tokenizer)
     cfg = ModelConfig(init=BertInit(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128))
     model = build_pretraining_model(cfg, vocab_size=len(tok), pad_token_id=tok.pad_token_id, seed=seed)
+    if dropout is not None:
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = dropout
     out = layout.training("teacher").model
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -86,7 +86,7 @@ class FinetuneWorker(BaseWorker):
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return accepted_inputs(self.engine, batch, MODEL_INPUTS)
 
-    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_loss(self, batch: dict[str, torch.Tensor], norm: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.teacher is None:  # the model's own loss: CE on the labels (mean of start/end CE for QA)
             out = self.engine(**self._inputs(batch), **{k: batch[k] for k in LABELS if k in batch})
             return out.loss, {"loss": out.loss}

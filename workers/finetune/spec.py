@@ -41,6 +41,8 @@ class FinetuneSpec:
     progress: bool = True
     resource_wait_s: float = 0.0  # wait this long for the cluster to hold the workers (ray.resource_wait_s)
     fault: Optional[FaultInjection] = None
+    resume_universal: bool = False
+    elastic: bool = False  # a data cursor per worker: resumes on the same number of workers only
 
     def __post_init__(self) -> None:
         if self.role not in ("teacher", "student"):

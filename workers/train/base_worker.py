@@ -15,7 +15,6 @@ import tempfile
 import time
 from typing import Any, Callable, Mapping, Optional
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -28,25 +27,20 @@ from workers.jsonl import read_jsonl
 from workers.train.checkpoint_parts import EnginePart, LRPosition, RNGState, ValuePart
 from workers.train.checkpointer import Checkpointer
 from workers.train.context import SafeTracker, all_reduce_sum, barrier, gather
-from workers.train.data import DataCursor, RankData
+from workers.train.data import DataCursor
 from workers.train.engine import build_engine, set_learning_rate
 from workers.train.progress import Progress
 
 MASKED_FRACTION = "data/masked_fraction"
 
 
-def batch_seed(seed: int, rank: int, step: int, micro: int, purpose: int = 0) -> int:
-    """Seed of one micro-batch's randomness: a pure function, so a resumed step redraws the same."""
-    entropy = [seed, rank, step, micro, purpose]
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 class BaseWorker:
     """State of one Ray Train worker for one attempt of a stage. Subclasses call `_setup` from
     their `__init__` with the model, then set `self.data` (a RankData)."""
 
-    data: RankData
+    data: Any  # RankData (per-rank order) or StreamingBatches (global order)
     lr_fn: Callable[[int], float]
+    cursor_is_global: bool = False  # True: the data cursor is the same on every rank (saved once)
 
     def __init__(self, spec: Any, rank: int, world_size: int, device: torch.device, in_ray: bool = True) -> None:
         self._started = time.perf_counter()
@@ -83,7 +77,7 @@ class BaseWorker:
         """DeepSpeed engine (train mode), the pruning callback when the spec prunes or locks a
         pattern, and the checkpointer over the worker's stateful parts."""
         self.model_config = model.config
-        self.engine = build_engine(model, self.cfg)
+        self.engine = build_engine(model, self.cfg, universal=getattr(self.spec, "resume_universal", False))
         # from_pretrained returns a model in eval mode: without this, dropout would stay off until the
         # first evaluation switches it on, and a resumed run would differ from an uninterrupted one
         self.engine.train()
@@ -93,27 +87,40 @@ class BaseWorker:
             self.pruning = PruningCallback(self.engine.module, self.spec.pruning,
                                            enforcer=DeepSpeedMaskEnforcer(self.engine))
         torch.manual_seed(self.seed * 1000 + self.rank)  # dropout differs per rank; restored on resume
+        cursor = ValuePart(lambda: self.cursor.to_dict(), self._load_cursor)
+        shared = {"train_state": ValuePart(self._train_state, self._load_train_state),
+                  "lr": LRPosition(lambda step: self.lr_fn(step), lambda: self.step),
+                  "pruning": self.pruning}
+        own: dict[str, Any] = {"rng": RNGState()}
+        (shared if self.cursor_is_global else own)["data"] = cursor
         self.checkpointer = Checkpointer(
-            self.layout, self.run, self.rank, self.world, self.cfg.keep_checkpoints, engine=EnginePart(self.engine),
-            parts={"train_state": ValuePart(self._train_state, self._load_train_state),
-                   "lr": LRPosition(lambda step: self.lr_fn(step), lambda: self.step),
-                   "pruning": self.pruning},
-            rank_parts={"data": ValuePart(lambda: self.cursor.to_dict(), self._load_cursor),
-                        "rng": RNGState()})
+            self.layout, self.run, self.rank, self.world, self.cfg.keep_checkpoints,
+            engine=EnginePart(self.engine, universal=getattr(self.spec, "resume_universal", False)),
+            parts=shared, rank_parts=own,
+            meta={"zero_stage": self.cfg.zero_stage, "precision": self.cfg.precision,
+                  "global_batch_size": self.cfg.global_batch_size})
+
+    def data_fingerprint(self) -> Optional[str]:
+        """What the data cursor points into (the preprocess stage's fingerprint): a checkpoint of other
+        data must not resume. None where there is nothing to check."""
+        return None
 
     def _train_state(self) -> dict[str, Any]:
         return {"step": self.step, "stage": self.run.name, "world_size": self.world, "seed": self.seed,
-                "global_batch_size": self.cfg.global_batch_size,
+                "global_batch_size": self.cfg.global_batch_size, "data": self.data_fingerprint(),
                 "samples_seen": self.step * self.cfg.global_batch_size}
 
     def _load_train_state(self, state: Mapping[str, Any]) -> None:
         if int(state["global_batch_size"]) != self.cfg.global_batch_size:
             raise ValueError(f"the checkpoint was trained with global_batch_size={state['global_batch_size']}, "
                              f"the recipe says {self.cfg.global_batch_size}")
+        if state.get("data") != self.data_fingerprint():
+            raise ValueError(f"the checkpoint was trained on other data (preprocess fingerprint {state.get('data')}, "
+                             f"this run's is {self.data_fingerprint()}): redo the {self.run.name} stage")
         self.step = int(state["step"])
 
     def _load_cursor(self, state: Mapping[str, Any]) -> None:
-        self.cursor = DataCursor(**state)
+        self.cursor = type(self.cursor)(**state)
 
     def frozen_teacher(self, model: torch.nn.Module) -> torch.nn.Module:
         """Plain module, eval mode, no grads, no optimizer state, in the training precision."""
@@ -123,15 +130,27 @@ class BaseWorker:
         return model
 
     # -- hooks ---------------------------------------------------------------------------------
+    def step_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the step at the data cursor (default: rows made into batches)."""
+        return [self.make_batch(rows, micro) for micro, rows in enumerate(self.data.step_batches(self.cursor))]
+
     def make_batch(self, rows: list[dict], micro: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def step_norm(self, batches: list[dict[str, torch.Tensor]]) -> Any:
+        """What the loss of each micro-batch is normalised by (None: its own mean). May be collective."""
+        return None
+
+    def forward_loss(self, batch: dict[str, torch.Tensor], norm: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def mlm_counts(self, batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
         """(MLM targets, non-special tokens) of a batch: 0, 0 where there is no MLM."""
         return 0, 0
+
+    def data_metrics(self) -> dict[str, float]:
+        """What the step read, for the record (e.g. a digest of the global batch's samples)."""
+        return {}
 
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
@@ -175,11 +194,12 @@ class BaseWorker:
         sums: Optional[torch.Tensor] = None
         names: list[str] = []
         targets = maskable = 0
-        for micro, rows in enumerate(self.data.step_batches(self.cursor)):
-            batch = {k: v.to(self.device) for k, v in self.make_batch(rows, micro).items()}
+        batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.step_batches()]
+        norm = self.step_norm(batches)
+        for batch in batches:
             t, m = self.mlm_counts(batch)
             targets, maskable = targets + t, maskable + m
-            loss, parts = self.forward_loss(batch)
+            loss, parts = self.forward_loss(batch, norm)
             self.engine.backward(loss)
             self.engine.step()
             names = list(parts)
@@ -193,13 +213,14 @@ class BaseWorker:
         self.preempt_requested = bool(reduced[-1] > 0)
         reduced = reduced[:-1]
         mean = reduced[:-2] / (self.world * self.cfg.grad_accum_steps)
+        data_metrics = self.data_metrics()
         self.step += 1
         self.cursor = self.data.advance(self.cursor)
         elapsed = time.perf_counter() - started
         metrics = {n: float(v) for n, v in zip(names, mean.tolist())}
         total_targets, total_maskable = reduced[-2:].tolist()
         metrics.update({"lr": lr, "throughput/samples_per_s": self.cfg.global_batch_size / max(elapsed, 1e-9),
-                        "epoch": float(self.cursor.epoch),
+                        "epoch": float(self.cursor.epoch), **data_metrics,
                         MASKED_FRACTION: total_targets / total_maskable if total_maskable else 0.0})
         return metrics
 

@@ -123,17 +123,23 @@ class LRPosition:
                              f"checkpoint was written, the recipe now gives {expected:.6g}")
 
 
-class EnginePart:
-    """The DeepSpeed engine (model, optimizer, ZeRO partitions): writes its own files, collectively."""
+UNIVERSAL = "universal"  # the engine's files in DeepSpeed's universal form: loadable on any worker count
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+
+class EnginePart:
+    """The DeepSpeed engine (model, optimizer, ZeRO partitions): writes its own files, collectively.
+    `universal`: load the checkpoint's universal form (a resume on another worker count or ZeRO stage;
+    the engine was built to read it)."""
+
+    def __init__(self, engine: Any, universal: bool = False) -> None:
+        self.engine, self.universal = engine, universal
 
     def save(self, folder: str, step: int) -> None:
         self.engine.save_checkpoint(folder, tag=DS_TAG, client_state={"pofa_step": step})
 
     def load(self, folder: str) -> None:
-        _, client = self.engine.load_checkpoint(folder, tag=DS_TAG, load_optimizer_states=True,
+        source = os.path.join(folder, UNIVERSAL) if self.universal else folder
+        _, client = self.engine.load_checkpoint(source, tag=DS_TAG, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
         if client is None:
-            raise RuntimeError(f"DeepSpeed could not load {folder}")
+            raise RuntimeError(f"DeepSpeed could not load {source}")

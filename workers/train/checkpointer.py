@@ -35,7 +35,7 @@ from safetensors import safe_open
 
 from pipelines.atomic import file_sha256
 from workers.run_layout import RunLayout, StorageError, TrainRunLayout
-from workers.train.checkpoint_parts import DS_TAG, EnginePart, Stateful, load_state, save_state
+from workers.train.checkpoint_parts import DS_TAG, UNIVERSAL, EnginePart, Stateful, load_state, save_state
 from workers.train.context import barrier, broadcast_from_rank0, gather
 
 logger = logging.getLogger("pofa.train")
@@ -89,9 +89,11 @@ class Checkpointer:
 
     def __init__(self, layout: RunLayout, run: TrainRunLayout, rank: int, world: int, keep: int,
                  engine: Optional[EnginePart], parts: Mapping[str, Optional[Stateful]],
-                 rank_parts: Mapping[str, Optional[Stateful]], warn: Callable[[str], None] = logger.warning) -> None:
+                 rank_parts: Mapping[str, Optional[Stateful]], warn: Callable[[str], None] = logger.warning,
+                 meta: Optional[Mapping[str, Any]] = None) -> None:
         self.layout, self.run = layout, run
         self.rank, self.world, self.keep = rank, world, keep
+        self.meta = dict(meta or {})  # recorded in the manifest: ZeRO stage, precision, global batch
         self.engine = engine
         self.parts = {k: v for k, v in parts.items() if v is not None}
         self.rank_parts = {k: v for k, v in rank_parts.items() if v is not None}
@@ -237,7 +239,7 @@ class Checkpointer:
             if stored.get(name) != info["size"]:
                 return f"{name}: stored {stored.get(name)} bytes, rank wrote {info['size']}"
         manifest = {"format": FORMAT, "step": step, "world_size": self.world, "created": time.time(),
-                    "parts": sorted(self.parts), "rank_parts": sorted(self.rank_parts),
+                    "parts": sorted(self.parts), "rank_parts": sorted(self.rank_parts), **self.meta,
                     "files": dict(sorted(files.items()))}
         missing = [f for f in self._required(self.world) if f not in files]
         if missing:
@@ -261,10 +263,7 @@ class Checkpointer:
             if choice is None:
                 return None
             manifest = self.manifest(choice)
-            if int(manifest["world_size"]) != self.world:
-                raise CheckpointError(f"{self.layout.store.where(choice)} was written by {manifest['world_size']} "
-                                      f"workers; resuming needs num_workers={manifest['world_size']} (got {self.world})")
-            mine = {n: i for n, i in manifest["files"].items() if file_owner(n) in (None, self.rank)}
+            mine = self._my_files(choice, manifest)
             for attempt in range(READ_ATTEMPTS):  # the same count on every rank: the gathers stay in step
                 folder, problems = self._fetch(choice, int(manifest["step"]), mine)
                 if not problems:
@@ -280,6 +279,27 @@ class Checkpointer:
                     time.sleep(READ_RETRY_S * (attempt + 1))
             if self.rank == 0:
                 self.set_aside(choice, "; ".join(problems))
+
+    def _my_files(self, choice: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """The files this rank loads: the shared ones and its own. On another worker count (elastic)
+        the engine comes from the universal form and the old ranks' shards are not read; a rank that
+        did not exist then starts its own parts (RNG) afresh."""
+        files = manifest["files"]
+        if int(manifest["world_size"]) == self.world:
+            return {n: i for n, i in files.items() if file_owner(n) in (None, self.rank)}
+        where = self.layout.store.where(choice)
+        if self.rank_parts.keys() - {"rng"}:
+            raise CheckpointError(f"{where} was written by {manifest['world_size']} workers: this run keeps a data "
+                                  f"cursor per worker, so it resumes only with num_workers={manifest['world_size']} "
+                                  f"(got {self.world})")
+        universal = [n for n in files if n.startswith(UNIVERSAL + "/")]
+        if self.engine is not None and self.engine.universal != bool(universal):
+            raise CheckpointError(f"{where} was written by {manifest['world_size']} workers and has "
+                                  f"{'a' if universal else 'no'} universal form; this run has {self.world} workers "
+                                  "(the driver converts the newest checkpoint before the workers start)")
+        skip = DS_TAG + "/" if universal else None
+        return {n: i for n, i in files.items()
+                if file_owner(n) in (None, self.rank) and not (skip and n.startswith(skip))}
 
     def _fetch(self, choice: str, step: int, mine: Mapping[str, Any]) -> tuple[str, list[str]]:
         """This rank's share into a local folder, checked; the problems every rank found."""
@@ -317,7 +337,8 @@ class Checkpointer:
         for name, part in self.parts.items():
             part.load_state_dict(load_state(folder, name))
         for name, part in self.rank_parts.items():  # RNG last among them: nothing draws after it
-            part.load_state_dict(load_state(folder, f"rank-{self.rank}.{name}"))
+            if os.path.exists(os.path.join(folder, f"rank-{self.rank}.{name}.json")):  # absent: a new rank
+                part.load_state_dict(load_state(folder, f"rank-{self.rank}.{name}"))
 
     def set_aside(self, rel_step: str, reason: str) -> None:
         """Un-commit a checkpoint that does not load, then move it aside, files and all: MANIFEST.json

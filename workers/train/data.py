@@ -1,23 +1,18 @@
-"""Per-rank shards of the preprocessed Parquet data, with a resumable cursor.
+"""Per-rank shares of a small table (a fine-tuning task's features), with a resumable cursor.
 
-The global row space is the concatenation of the split's shards in the order the preprocess
-record lists them. Rank r owns the
-contiguous rows [r*n, (r+1)*n) with n = total // world_size: every rank gets the same number of
-samples (unequal shards hurt BERT pretraining) and reads only the row groups that hold its rows.
-Within its shard a rank walks an epoch-seeded permutation; the cursor (epoch, position) is saved
-in checkpoints so a resumed run neither repeats nor skips a sample.
+Rank r owns the contiguous rows [r*n, (r+1)*n) with n = total // world_size: every rank gets the
+same number of samples and reads only the row groups that hold its rows. Within its share a rank
+walks an epoch-seeded permutation; the cursor (epoch, position) is saved in checkpoints so a resumed
+run neither repeats nor skips a sample. (Pretraining streams its corpus in a global order instead:
+`streaming.py`.)
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-COLUMNS = ("input_ids", "token_type_ids", "next_sentence_label", "masked_lm_positions", "masked_lm_ids")
-
 
 def plan_shard(counts: list[int], rank: int, world_size: int) -> list[tuple[int, int, int]]:
     """(file index, first row, end row) pieces holding rank's rows of the global row space."""
@@ -32,7 +27,7 @@ def plan_shard(counts: list[int], rank: int, world_size: int) -> list[tuple[int,
     return pieces
 
 
-def read_rows(path: str, start: int, stop: int, columns: tuple[str, ...] | None = COLUMNS) -> pa.Table:
+def read_rows(path: str, start: int, stop: int, columns: tuple[str, ...] | None = None) -> pa.Table:
     """Rows [start, stop) of one file, reading only the row groups that overlap them (None: all columns)."""
     pf = pq.ParquetFile(path)
     groups, first_row, row = [], None, 0
@@ -44,13 +39,6 @@ def read_rows(path: str, start: int, stop: int, columns: tuple[str, ...] | None 
         row += n
     table = pf.read_row_groups(groups, columns=list(columns) if columns is not None else None)
     return table.slice(start - (first_row or 0), stop - start)
-
-
-def load_rows(files: list[str], pieces: list[tuple[int, int, int]]) -> pa.Table:
-    """The rows `plan_shard` gave a rank, from the row groups that hold them only."""
-    if not pieces:
-        return pa.table({c: pa.array([], type=pa.int32()) for c in COLUMNS}).slice(0, 0)
-    return pa.concat_tables([read_rows(files[i], a, b) for i, a, b in pieces]).combine_chunks()
 
 
 @dataclass(frozen=True)
@@ -102,10 +90,3 @@ class RankData:
         rows = self.table.take(pa.array(idx)).to_pylist()
         m = self.micro_batch_size
         return [rows[i:i + m] for i in range(0, len(rows), m)]
-
-
-def eval_batches(table: pa.Table, micro_batch_size: int, max_batches: int) -> Iterator[list[dict]]:
-    """The first `max_batches` micro-batches of a rank's validation shard, in stored order."""
-    limit = min(len(table), micro_batch_size * max_batches)
-    for start in range(0, limit, micro_batch_size):
-        yield table.slice(start, min(micro_batch_size, limit - start)).to_pylist()

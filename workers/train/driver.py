@@ -11,6 +11,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from workers import preemption
 from workers.jsonl import read_jsonl
+from workers.train.elastic import prepare_resume
 from workers.train.pretraining_worker import train_loop
 from workers.train.preflight import preflight
 from workers.train.progress import format_summary
@@ -35,8 +36,9 @@ def build_trainer(spec: Any, loop: Callable[[dict], None] = train_loop) -> Torch
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=spec.run.ray_run_name, storage_path=storage_path, storage_filesystem=filesystem,
-                             # one attempt per fit(): the retry policy is run_training's (progress-aware)
-                             failure_config=FailureConfig(max_failures=0),
+                             # Ray Train restarts a failed worker group itself (at once, in the same fit); a
+                             # fit that still fails is retried by run_training if it moved the run forward
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": env}),
     )
@@ -50,15 +52,18 @@ START_TIMEOUT_S = "600"
 
 def fit_with_retries(spec: Any, loop: Callable[[dict], None],
                      sleep: Callable[[float], None] = time.sleep) -> None:
-    """Run attempts until one finishes. A failed attempt is retried after a backoff (retry_backoff_s,
-    doubling, at most 300 s) as long as attempts keep committing new checkpoints; `max_failures`
-    failed attempts in a row without a new checkpoint end the stage (-1: never). Every attempt
-    resumes from the newest checkpoint, on whatever nodes the cluster has by then."""
+    """Run attempts until one finishes. Ray Train restarts a failed worker group from the newest
+    checkpoint up to `max_failures` times in a row; when that is spent but the run moved forward (a
+    newer checkpoint than when this fit began), it starts again after a backoff (retry_backoff_s,
+    doubling, at most 300 s), so a days-long run survives failures spread over days and stops only
+    when `max_failures` failures come without a new checkpoint (-1: never). A node's preemption
+    notice ends an attempt cleanly at a checkpoint; the next one resumes on the nodes that remain."""
     cfg = spec.train
-    failures, newest, delay = 0, _newest_step(spec), cfg.retry_backoff_s
-    started = time.time()
+    delay, started = cfg.retry_backoff_s, time.time()
     while True:
+        newest = _newest_step(spec)
         try:
+            prepare_resume(spec)  # another worker count than the newest checkpoint's: its universal form
             with preemption.graceful_stage():
                 build_trainer(spec, loop).fit()
             summary = _read_summary(spec)
@@ -66,20 +71,15 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
                 return
             if preemption.run_must_stop(started):
                 raise preemption.Preempted(spec.run.name, summary.get("final_step"), summary.get("checkpoint"))
-            # a node or worker was told to go: the step is committed; resume on the nodes that remain
             print(f"[{spec.run.name}] a node or worker was preempted at step {summary.get('final_step')}: "
                   "resuming from its checkpoint", flush=True)
-            failures, newest, delay = 0, _newest_step(spec), cfg.retry_backoff_s
+            delay = cfg.retry_backoff_s
         except TrainingFailedError as exc:
             step = _newest_step(spec)
-            if step > newest:  # the attempt moved the run forward: a fresh count
-                failures, newest, delay = 0, step, cfg.retry_backoff_s
-            failures += 1
-            if 0 <= cfg.max_failures < failures:
+            if cfg.max_failures == 0 or step <= newest:  # no restarts wanted, or max_failures got nowhere
                 raise
-            print(f"[{spec.run.name}] attempt failed ({_first_line(exc)}); {failures} failed attempt(s) since the "
-                  f"last new checkpoint (max_failures={cfg.max_failures}); retrying from step {newest} in {delay:g} s",
-                  flush=True)
+            print(f"[{spec.run.name}] attempts failed ({_first_line(exc)}) after reaching step {step}; "
+                  f"retrying from it in {delay:g} s", flush=True)
             sleep(delay)
             delay = min(max(delay * 2, 1.0), MAX_BACKOFF_S)
 

@@ -12,8 +12,9 @@ from pipelines.training.config import TrainConfig
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """ZeRO stage, precision and batch geometry; global batch = workers x micro x accumulation."""
+def deepspeed_config(cfg: TrainConfig, universal: bool = False) -> dict[str, Any]:
+    """ZeRO stage, precision and batch geometry; global batch = workers x micro x accumulation.
+    `universal`: the engine will load a checkpoint in DeepSpeed's universal form (workers/train/elastic.py)."""
     config: dict[str, Any] = {
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -24,6 +25,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
     if cfg.max_grad_norm > 0:
         config["gradient_clipping"] = cfg.max_grad_norm
     if cfg.precision == "bf16":
@@ -42,11 +45,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig) -> Any:
+def build_engine(model: nn.Module, cfg: TrainConfig, universal: bool = False) -> Any:
     """deepspeed.initialize over the process group Ray Train already set up (gloo on CPU, nccl on GPU)."""
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, universal))
     return engine
 
 

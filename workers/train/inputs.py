@@ -10,14 +10,13 @@ from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pipelines.data.collator import CollatorSettings, collate
+from pipelines.data.collator import CollatorSettings
 from pipelines.data.masking import MaskingContract
 from workers.run_layout import RunLayout
 from workers.stage_outputs import PreprocessOutput, read_output
-from workers.train.data import RankData, load_rows, plan_shard
+from workers.train.streaming import StreamingBatches, ValidationBatches
 
 
 def saved_vocab(folder: str) -> Any:
@@ -88,22 +87,14 @@ def check_static_masks(path: str, table: pa.Table) -> None:
 
 
 class PretrainingInputs:
-    """One rank's view of the preprocessed data: the record, tokenizer, collator settings, its
-    training share and its validation share."""
+    """One rank's view of the preprocessed data: the record, tokenizer, collator settings, its stream of
+    training micro-batches (in the global order) and its share of the validation samples."""
 
-    def __init__(self, layout: RunLayout, seed: int, rank: int, world: int, samples_per_step: int,
-                 micro_batch_size: int, record: Optional[PreprocessOutput] = None) -> None:
+    def __init__(self, layout: RunLayout, seed: int, rank: int, world: int, global_batch: int, micro_batch: int,
+                 eval_samples: int, record: Optional[PreprocessOutput] = None) -> None:
         self.record = record or read_output(layout, "preprocess", PreprocessOutput)
         self.tokenizer = load_tokenizer(layout.path(self.record.tokenizer))
         self.settings = collator_settings(self.tokenizer, self.record.masking)
-        self.seed, self.rank = seed, rank
-        files, counts = split_files(layout, self.record, "train")
-        self.train = RankData(load_rows(files, plan_shard(counts, rank, world)), samples_per_step, micro_batch_size,
-                              seed, rank)
-        files, counts = split_files(layout, self.record, "validation")
-        self.validation = load_rows(files, plan_shard(counts, rank, world))
-
-    def batch(self, rows: list[dict], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Model inputs with MLM and NSP labels; dynamic masks drawn from `generator` (the trainer seeds
-        it from the step and micro-batch, so a resumed step redraws the same)."""
-        return collate(rows, self.settings, generator)
+        self.train = StreamingBatches(layout, self.record, self.settings, seed, rank, world, global_batch, micro_batch)
+        self.validation = ValidationBatches(layout, self.record, self.settings, seed, rank, world, eval_samples,
+                                            micro_batch)

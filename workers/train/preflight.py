@@ -8,9 +8,7 @@ from typing import Any
 import ray
 
 from pipelines.models.build import resolve_model_config
-from workers.run_layout import StorageError
 from workers.stage_outputs import PreprocessOutput, read_output
-from workers.train.checkpointer import Checkpointer
 from workers.train.inputs import check_shards, collator_settings, load_tokenizer, saved_vocab
 from workers.train.spec import TrainSpec
 
@@ -88,18 +86,11 @@ def _check_data(spec: TrainSpec, record: PreprocessOutput, vocab: dict[str, int]
 
 
 def check_checkpoint_world(spec: Any) -> None:
-    """The newest committed checkpoint must have been written by this many workers (until resuming
-    on another worker count is possible, it is refused here, before any worker starts)."""
-    layout, run = spec.layout, spec.run
-    checkpointer = Checkpointer(layout, run, 0, spec.train.num_workers, keep=1, engine=None, parts={}, rank_parts={})
-    for _, rel in checkpointer.committed()[:1]:
-        try:
-            world = checkpointer.manifest(rel).get("world_size")
-        except (OSError, ValueError, StorageError):
-            return  # unreadable: the workers set it aside and fall back
-        if world is not None and world != spec.train.num_workers:
-            raise ValueError(f"{layout.store.where(rel)} was written by {world} workers; resuming needs "
-                             f"training.num_workers={world} (got {spec.train.num_workers})")
+    """The newest checkpoint resumes with this many workers and this ZeRO stage: as it is, after a
+    conversion to DeepSpeed's universal form (pretraining), or not at all (refused, naming why)."""
+    from workers.train.elastic import prepare_resume
+
+    prepare_resume(spec)
 
 
 def preflight(spec: TrainSpec) -> None:

@@ -13,27 +13,34 @@ from pipelines.data.collator import mlm_counts
 from pipelines.distillation import distillation_loss, teacher_logits
 from pipelines.models.build import build_pretraining_model, load_pretraining_model
 from pipelines.models.heads import accepted_inputs
-from pipelines.training.losses import metrics_from_counts, pretraining_counts, pretraining_loss
+from pipelines.training.losses import GlobalNorm, metrics_from_counts, pretraining_counts, pretraining_loss
 from pipelines.training.schedule import make_lr_fn
-from workers.train.base_worker import BaseWorker, batch_seed, run_worker
+from workers.stage_outputs import load_manifest
+from workers.train.base_worker import BaseWorker, run_worker
 from workers.train.context import all_reduce_sum, barrier
-from workers.train.data import eval_batches
 from workers.train.export import export_model, gather_full_state
 from workers.train.inputs import PretrainingInputs
+from workers.train.streaming import GlobalCursor, batch_digest, counts_of
 from workers.train.spec import TrainSpec
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 class PretrainingWorker(BaseWorker):
-    """One Ray Train worker of the teacher or student stage."""
+    """One Ray Train worker of the teacher or student stage. Its data cursor is global (the same on
+    every rank), so the stage resumes on any number of workers."""
+
+    cursor_is_global = True
 
     def __init__(self, spec: TrainSpec, rank: int, world_size: int, device: torch.device,
                  in_ray: bool = True) -> None:
         super().__init__(spec, rank, world_size, device, in_ray)
-        self.inputs = PretrainingInputs(spec.layout, self.seed, rank, world_size, self.cfg.samples_per_rank_per_step,
-                                        self.cfg.micro_batch_size)
+        self.inputs = PretrainingInputs(spec.layout, self.seed, rank, world_size, self.cfg.global_batch_size,
+                                        self.cfg.micro_batch_size, self.cfg.eval_batches * self.cfg.global_batch_size)
         self.tokenizer = self.inputs.tokenizer
+        self.cursor = GlobalCursor()
+        preprocess = load_manifest(spec.layout, "preprocess")
+        self._data_fingerprint = preprocess.fingerprint if preprocess is not None else None
         model = self._build_model()
         self.teacher = self._build_teacher()
         self.lr_fn = make_lr_fn(self.cfg, spec.pruning)
@@ -53,32 +60,47 @@ class PretrainingWorker(BaseWorker):
         return self.frozen_teacher(load_pretraining_model(self.spec.init_dir))
 
     # -- hooks ---------------------------------------------------------------------------------
-    def make_batch(self, rows: list[dict], micro: int) -> dict[str, torch.Tensor]:
-        return self.inputs.batch(rows, torch.Generator().manual_seed(batch_seed(self.seed, self.rank, self.step, micro)))
+    def step_batches(self) -> list[dict[str, torch.Tensor]]:
+        return self.inputs.train.step_batches(self.cursor)
+
+    def data_fingerprint(self) -> Optional[str]:
+        return self._data_fingerprint
+
+    def step_norm(self, batches: list[dict[str, torch.Tensor]]) -> GlobalNorm:
+        """The global batch's counts (all ranks): every micro-batch's loss is its share of the global
+        batch's means, so the gradient is the same however the batch is split over workers."""
+        targets, tokens, sequences = all_reduce_sum(counts_of(batches)).tolist()
+        return GlobalNorm(targets, tokens, sequences, scale=float(self.world * self.cfg.grad_accum_steps))
 
     def mlm_counts(self, batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
         return mlm_counts(batch)
 
-    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def data_metrics(self) -> dict[str, float]:
+        """`data/batch`: a digest of the global batch's samples, the same on any number of workers."""
+        return {"data/batch": float(batch_digest(self.inputs.train.global_rows(self.cursor)))}
+
+    def forward_loss(self, batch: dict[str, torch.Tensor],
+                     norm: Optional[GlobalNorm] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = accepted_inputs(self.engine, batch, MODEL_INPUTS)
         out = self.engine(**inputs)
         if self.teacher is None:
-            total, mlm, nsp = pretraining_loss(out, batch)
+            total, mlm, nsp = pretraining_loss(out, batch, norm)
             return total, {"loss": total, "loss/mlm": mlm, "loss/nsp": nsp}
         t_out = teacher_logits(self.teacher, inputs)
-        dl = distillation_loss("pretraining", out, t_out, batch, self.spec.distillation)
+        dl = distillation_loss("pretraining", out, t_out, batch, self.spec.distillation, norm)
         return dl.total, {"loss": dl.total, "loss/hard": dl.hard, "loss/kd": dl.kd}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """val/* on each rank's validation shard (same batches every time), summed over ranks."""
+        """val/* on the same validation samples every time, whatever the worker count: counts summed
+        over ranks (a rank short of samples runs the same passes and discards them)."""
         self.engine.eval()
         counts = torch.zeros(6, dtype=torch.float64)
-        gen = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, 0, 0, purpose=1))
-        for rows in eval_batches(self.inputs.validation, self.cfg.micro_batch_size, self.cfg.eval_batches):
-            batch = {k: v.to(self.device) for k, v in self.inputs.batch(rows, gen).items()}
+        for batch, real in self.inputs.validation.batches():
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             out = self.engine(**accepted_inputs(self.engine, batch, MODEL_INPUTS))
-            counts += pretraining_counts(out, batch).cpu()
+            if real:
+                counts += pretraining_counts(out, batch).cpu()
         self.engine.train()
         metrics = metrics_from_counts(all_reduce_sum(counts))
         if self.pruning is not None:

@@ -51,6 +51,10 @@ class TrainSpec:
     progress: bool = True  # rank-0 progress bar
     resource_wait_s: float = 0.0  # wait this long for the cluster to hold the workers (ray.resource_wait_s)
     fault: Optional[FaultInjection] = None
+    # Set by the driver before each attempt: the newest checkpoint was written by another worker count
+    # or ZeRO stage and is loaded from its universal form (workers/train/elastic.py).
+    resume_universal: bool = False
+    elastic: bool = True  # the data cursor is global: resumes on any number of workers
 
     def __post_init__(self) -> None:
         if self.stage not in ("teacher", "student"):

@@ -1,0 +1,86 @@
+"""Elastic resume on real Ray Train + DeepSpeed (CPU): a student stage that crashed after its step-3
+checkpoint resumes on another number of workers (2 -> 1 and 1 -> 2 at ZeRO-2, 2 -> 1 at ZeRO-3) and
+matches an uninterrupted run with the original worker count: the same global batches (their digest
+at every step), every later step's loss within 1e-4 (only the reduction order differs), the same
+final masks. The model has no dropout, the one thing that draws from a per-worker random stream."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from ray.train import TrainingFailedError
+
+from tests.workers.train_fixture import (checkpoint_masks, committed_steps, make_preprocess, make_teacher_export,
+                                        start_ray, student_spec)
+from workers.train.checkpoint_parts import UNIVERSAL
+from workers.train.driver import run_training
+from workers.train.spec import FaultInjection
+
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
+
+CRASH_AT = 3
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    start_ray()
+    root = str(tmp_path_factory.mktemp("elastic-base"))
+    make_preprocess(root)
+    make_teacher_export(root, dropout=0.0)
+    return root
+
+
+def _run_dir(base: str, tmp_path_factory, name: str) -> str:
+    target = str(tmp_path_factory.mktemp(name))
+    shutil.copytree(base, target, dirs_exist_ok=True)
+    return target
+
+
+def _steps(spec) -> dict[int, dict]:
+    """step -> the last record logged for it (a resumed run logs the steps after its checkpoint)."""
+    out: dict[int, dict] = {}
+    with open(spec.run.metrics) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec:
+                out[rec["step"]] = rec
+    return out
+
+
+def _reference(base, tmp_path_factory, workers: int, zero: int):
+    spec = student_spec(_run_dir(base, tmp_path_factory, f"ref-{workers}-{zero}"), num_workers=workers,
+                        zero_stage=zero, checkpoint_every=1)
+    run_training(spec, echo=False)
+    return spec
+
+
+def _elastic(base, tmp_path_factory, before: int, after: int, zero: int):
+    run_dir = _run_dir(base, tmp_path_factory, f"elastic-{before}-{after}-{zero}")
+    crashing = student_spec(run_dir, num_workers=before, zero_stage=zero, checkpoint_every=1, keep_checkpoints=10,
+                            fault=FaultInjection(step=CRASH_AT, marker=f"{run_dir}/crashed"))
+    with pytest.raises(TrainingFailedError):
+        run_training(crashing, echo=False)  # max_failures=0: the stage stops, its checkpoints stay
+    assert committed_steps(crashing)[0] == CRASH_AT
+    resumed = student_spec(run_dir, num_workers=after, zero_stage=zero, checkpoint_every=1, keep_checkpoints=10)
+    result = run_training(resumed, echo=False)
+    return resumed, result
+
+
+@pytest.mark.parametrize("before, after, zero", [(2, 1, 2), (1, 2, 2), (2, 1, 3)])
+def test_a_crashed_stage_resumes_on_another_worker_count(base, tmp_path_factory, before, after, zero) -> None:
+    reference = _reference(base, tmp_path_factory, before, zero)
+    resumed, result = _elastic(base, tmp_path_factory, before, after, zero)
+    assert result.start_steps == [0, CRASH_AT] and result.final_step == 6
+    ref, got = _steps(reference), _steps(resumed)
+    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    for step in range(1, 7):
+        assert got[step]["data/batch"] == ref[step]["data/batch"], step  # the same samples in every global batch
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-4), step
+        assert got[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-12), step  # the LR schedule went on
+    final, expected = checkpoint_masks(resumed.run, 6), checkpoint_masks(reference.run, 6)
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+    manifest = json.load(open(f"{resumed.run.checkpoint_step(CRASH_AT)}/MANIFEST.json"))
+    assert any(n.startswith(UNIVERSAL + "/") for n in manifest["files"])  # converted once, committed with it
+    assert json.load(open(f"{resumed.run.checkpoint_step(6)}/MANIFEST.json"))["world_size"] == after
