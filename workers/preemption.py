@@ -170,15 +170,18 @@ def run_must_stop(since: float) -> bool:
 
 
 class graceful_stage:
-    """Around a training stage's fit(): the driver's SIGTERM is passed to the workers, not raised."""
+    """Around a training run's fit(): the driver's SIGTERM is passed to the workers, not raised. Runs
+    may overlap (concurrent fine-tuning runs): the driver stays graceful while any is in one."""
 
     def __enter__(self) -> None:
         if _driver is not None:
-            _driver.graceful = True
+            with _driver.lock:
+                _driver.graceful += 1
 
     def __exit__(self, *exc: object) -> None:
         if _driver is not None:
-            _driver.graceful = False
+            with _driver.lock:
+                _driver.graceful -= 1
 
 
 class DriverHandler:
@@ -189,7 +192,8 @@ class DriverHandler:
 
     def __init__(self, grace_s: float, on_notice: Callable[[], None], console: Callable[[str], None]) -> None:
         self.grace_s, self.on_notice, self.console = grace_s, on_notice, console
-        self.graceful = False
+        self.graceful = 0  # training runs in progress (in fit())
+        self.lock = threading.Lock()
         self.noticed = threading.Event()
         self._previous = None
         self._timer: Optional[threading.Timer] = None

@@ -75,6 +75,9 @@ class FinetuneRunOutput(_Record):
     sparsity: Optional[float] = None
     quantization: Optional[dict[str, Any]] = None
     train_time_s: float = 0.0
+    started: Optional[float] = None  # when the run started and finished (runs of a stage overlap)
+    finished: Optional[float] = None
+    nodes: list[str] = []  # the Ray node of every rank of its last attempt
 
 
 class FinetuneTaskOutput(_Record):

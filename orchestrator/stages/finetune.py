@@ -8,12 +8,16 @@ is skipped when the stage is resumed, an unfinished one continues from its last 
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import statistics
+import threading
+import time
 from typing import Any, Optional
 
 from orchestrator.manifest import stage_fingerprint
+from orchestrator.run_graph import GraphFailed, Node, RunGraph
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import StageContext, StageResult
 from pipelines.atomic import atomic_dir, write_json_atomic
@@ -21,6 +25,8 @@ from pipelines.config_keys import result_defining
 from pipelines.finetune.config import FinetuneConfig, TaskConfig
 from pipelines.finetune.plan import task_train_config
 from pipelines.finetune.tasks import get_task
+from workers.jsonl import read_jsonl
+from workers.preemption import Preempted
 from workers.run_layout import TrainRunLayout
 from workers.stage_outputs import FinetuneOutput, FinetuneRunOutput, FinetuneTaskOutput, TrainingOutput, read_output
 from workers.tracking import NullTracker
@@ -69,6 +75,7 @@ def _finished(run: TrainRunLayout) -> Optional[FinetuneRunOutput]:
 
 class FinetuneStage:
     name = "finetune"
+    _tracking_lock = threading.Lock()
 
     def config(self, recipe: Recipe) -> dict[str, Any]:
         return {"seed": recipe.seed, "finetune": result_defining(_section(recipe))}
@@ -107,10 +114,13 @@ class FinetuneStage:
         key = run.name
         tracking = ctx.tracking
         tracker = NullTracker()
+        started = time.time()
         if tracking is not None:
-            tracking.start_stage(key, params={"task": task.name, "role": role, "seed": seed, "init_model": init_model,
-                                              "max_steps": train.max_steps, "teacher_dir": teacher_dir or ""})
-            tracker = ctx.worker_tracker(key)
+            with self._tracking_lock:  # runs start and end from several threads
+                tracking.start_stage(key, params={"task": task.name, "role": role, "seed": seed,
+                                                  "init_model": init_model, "max_steps": train.max_steps,
+                                                  "teacher_dir": teacher_dir or ""})
+                tracker = ctx.worker_tracker(key)
         spec = FinetuneSpec(task=task, role=role, layout=ctx.layout, run_name=name, init_model=init_model, train=train,
                             seed=seed, teacher_dir=teacher_dir, lock_pattern=ft.lock_pattern,
                             qat=ft.qat and role == "student", distillation=ft.distillation, tracker=tracker,
@@ -119,17 +129,21 @@ class FinetuneStage:
             result = run_finetune(spec)
         except BaseException as exc:
             if tracking is not None:
-                tracking.end_stage(key, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+                with self._tracking_lock:
+                    tracking.end_stage(key, "KILLED" if isinstance(exc, (KeyboardInterrupt, Preempted)) else "FAILED")
             raise
+        attempts = read_jsonl(run.attempts)
         record = FinetuneRunOutput(name=name, seed=seed, model=ctx.layout.rel(run.model), final_step=result.final_step,
                                    metrics=_eval_metrics(result.metrics),
                                    sparsity=result.summary.get("export_sparsity"),
                                    quantization=result.summary.get("quantization"),
-                                   train_time_s=round(result.elapsed_s, 3))
+                                   train_time_s=round(result.elapsed_s, 3), started=started, finished=time.time(),
+                                   nodes=attempts[-1]["nodes"] if attempts else [])
         write_json_atomic(record.model_dump(mode="json"), run.result)
         ctx.run_dir.sync_up(run.root)  # a finished run is skipped on any later rerun, on any node
         if tracking is not None:
-            tracking.end_stage(key, "FINISHED")
+            with self._tracking_lock:
+                tracking.end_stage(key, "FINISHED")
         return record
 
     def run(self, ctx: StageContext) -> StageResult:
@@ -152,25 +166,76 @@ class FinetuneStage:
             prepared = ctx.layout.task_data(task.name)
             data[task.name] = prepare_task(task, student, prepared)
             ctx.run_dir.sync_up(prepared.root)  # the workers, on any node, read it from there
+        graph = self._graph(ctx, student, teacher_init, data)
+        try:
+            nodes = graph.run()
+        except GraphFailed as exc:
+            preempted = next((n.error for n in exc.failed if isinstance(n.error, Preempted)), None)
+            if preempted is not None:
+                raise preempted from None  # finished runs are kept; the rerun resumes the others
+            raise RuntimeError(f"finetune: {exc} (the finished runs are kept: a rerun redoes only these)") from None
         for task in ft.tasks:
-            n_train = int(data[task.name][get_task(task.name).train_split]["features"])
-            teacher_dir = None
-            teacher_record = None
-            if ft.distill and task.teacher:
-                teacher_dir = task.teacher  # already fine-tuned on the task: distil from it as is
-            elif ft.distill:
-                teacher_record = self._run_one(ctx, task, "teacher", teacher_init, ctx.recipe.seed, None, n_train)
-                teacher_dir = ctx.layout.path(teacher_record.model)
-            runs = {seed: self._run_one(ctx, task, f"seed-{seed}", student, seed, teacher_dir, n_train)
-                    for seed in ft.seeds}
+            teacher_record = nodes[f"{task.name}/teacher"].result if f"{task.name}/teacher" in nodes else None
+            runs = {seed: nodes[f"{task.name}/seed-{seed}"].result for seed in ft.seeds}
             model_dir = ctx.layout.task_model(task.name)
             _copy_model(ctx.layout.path(runs[ft.seeds[0]].model), model_dir)
             outputs.update(ctx.layout.file_hashes(self.name, model_dir))
             tasks[task.name] = FinetuneTaskOutput(model=ctx.layout.rel(model_dir), teacher=teacher_record,
                                                   seeds={str(seed): r for seed, r in runs.items()})
             results[task.name] = task_results(tasks[task.name])
+        timeline = {name: {"nodes": n.result.nodes, "started": n.result.started, "finished": n.result.finished}
+                    for name, n in nodes.items()}
         return StageResult({"results": results, "data": data, "tasks": [t.name for t in ft.tasks],
-                            "seeds": list(ft.seeds)}, outputs, FinetuneOutput(tasks=tasks))
+                            "seeds": list(ft.seeds), "runs": timeline}, outputs, FinetuneOutput(tasks=tasks))
+
+    def _graph(self, ctx: StageContext, student: str, teacher_init: str, data: dict[str, Any]) -> RunGraph:
+        """Each task's dense teacher (unless the recipe gives one), then its seeds, which distil from it:
+        every run whose inputs are ready goes to the cluster as soon as it has room."""
+        import ray
+
+        ft = _section(ctx.recipe)
+        demand = {"cpus": ft.train.num_workers * ft.train.cpus_per_worker,
+                  "gpus": ft.train.num_workers * ft.train.gpus_per_worker}
+        capacity = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        if ctx.recipe.ray.resource_wait_s > 0:  # nodes still joining: what will be there, at least one run's worth
+            capacity = {"CPU": max(capacity.get("CPU", 0.0), demand["cpus"]),
+                        "GPU": max(capacity.get("GPU", 0.0), demand["gpus"])}
+        graph = RunGraph(capacity, ft.max_concurrent_runs, on_event=_announce)
+        for task in ft.tasks:
+            n_train = int(data[task.name][get_task(task.name).train_split]["features"])
+            teacher_node: Optional[Node] = None
+            if ft.distill and not task.teacher:
+                teacher_node = graph.add(Node(f"{task.name}/teacher", functools.partial(
+                    self._run_one, ctx, task, "teacher", teacher_init, ctx.recipe.seed, None, n_train), **demand))
+            for seed in ft.seeds:
+                graph.add(Node(f"{task.name}/seed-{seed}", functools.partial(
+                    self._run_seed, ctx, task, seed, student, teacher_node, n_train),
+                    needs=(teacher_node.name,) if teacher_node else (), **demand))
+        return graph
+
+    def _run_seed(self, ctx: StageContext, task: TaskConfig, seed: int, student: str, teacher: Optional[Node],
+                  n_train: int) -> FinetuneRunOutput:
+        ft = _section(ctx.recipe)
+        if not ft.distill:
+            teacher_dir = None
+        elif task.teacher:
+            teacher_dir = task.teacher  # already fine-tuned on the task: distil from it as is
+        else:
+            teacher_dir = ctx.layout.path(teacher.result.model)  # type: ignore[union-attr]
+        return self._run_one(ctx, task, f"seed-{seed}", student, seed, teacher_dir, n_train)
+
+
+def _announce(event: str, node: Node, counts: dict[str, int]) -> None:
+    """One console line per run that starts or ends, with where the stage stands."""
+    detail = ""
+    if event == "failed":
+        detail = f": {(str(node.error).strip().splitlines() or [type(node.error).__name__])[0][:200]}"
+    elif event == "skipped":
+        detail = f": {node.skipped}"
+    elif event == "finished" and node.started:
+        detail = f" in {node.finished - node.started:.0f}s"
+    print(f"[finetune] {node.name} {event}{detail} ({counts['running']} running, {counts['done']}/{counts['total']} "
+          "done)", flush=True)
 
 
 def _export(ctx: StageContext, stage: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any, Mapping, Optional
 
 from orchestrator.manifest import stage_fingerprint
@@ -98,9 +99,23 @@ def _downstream(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, Stage
     if published:
         out += [f"Published figures: {SOURCE}", ""]
     out += ["Per seed (the export's global sparsity beside it):", "", seed_table(results), "",
+            "Every run (runs of the stage train side by side when the cluster has room):", "",
+            _runs_table(finetuned), "",
             "Fine-tuned models: " + ", ".join(f"`{layout.path(t.model)}`" for t in finetuned.tasks.values()),
             ""]
     return out
+
+
+def _runs_table(finetuned: FinetuneOutput) -> str:
+    rows = []
+    for task, out in finetuned.tasks.items():
+        for run in ([out.teacher] if out.teacher else []) + list(out.seeds.values()):
+            start = time.strftime("%H:%M:%S", time.localtime(run.started)) if run.started else None
+            end = time.strftime("%H:%M:%S", time.localtime(run.finished)) if run.finished else None
+            metric = ", ".join(f"{k}={v:.2f}" for k, v in sorted(run.metrics.items()))
+            rows.append([f"{task}/{run.name}", ", ".join(n[:8] for n in run.nodes) or None, start, end,
+                         run.train_time_s, metric])
+    return _table(["run", "nodes", "started", "finished", "seconds", "result"], rows)
 
 
 class ReportStage:

@@ -121,6 +121,9 @@ class FinetuneConfig(BaseModel):
     qat: bool = False  # quantization-aware training to 8 bits on the locked sparse model
     # Scale, DeepSpeed and checkpoint settings shared by every task (batch/LR/length come from the task).
     train: FinetuneTrainConfig = FinetuneTrainConfig()
+    # Runs (task teachers, seeds) that may train at the same time, each on its own workers; None: as
+    # many as the cluster holds. Concurrency never changes a result.
+    max_concurrent_runs: Optional[int] = operational(None, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> "FinetuneConfig":

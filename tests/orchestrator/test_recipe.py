@@ -83,3 +83,9 @@ def test_a_finetune_only_recipe_needs_no_preprocess_section(tmp_path):
     assert r.preprocess is None and r.finetune.tasks[0].name == "sst2"
     path.write_text(yaml.safe_dump({"name": "ft", "stages": ["preprocess"]}))
     assert "preprocess: required when stages include 'preprocess'" in _problems(recipe=str(path))
+
+
+def test_max_concurrent_runs_below_one_is_named():
+    with pytest.raises(RecipeError, match=r"finetune.max_concurrent_runs: .*greater than or equal to 1"):
+        load_recipe("tiny", ["finetune.max_concurrent_runs=0"])
+    assert load_recipe("tiny", ["finetune.max_concurrent_runs=2"]).finetune.max_concurrent_runs == 2
