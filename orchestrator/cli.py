@@ -5,6 +5,8 @@
     pofa validate RECIPE [--set ...]
     pofa recipes
     pofa submit RECIPE --address http://HOST:8265 [--set ...] [--run-dir URI] [--wait]
+    pofa status [RUN_DIR]          where a run stands, read from its directory (default: the newest in ./runs)
+    pofa runs [--root runs]        every run under ./runs, a line each
     pofa status|logs|stop JOB [--address ...]
 """
 from __future__ import annotations
@@ -16,11 +18,10 @@ from typing import Any, Optional, Sequence
 
 from orchestrator.jobs_cli import JOB_COMMANDS, add_job_commands, run_job_command
 from orchestrator.recipe.load import RecipeError, builtin_recipes, dump_recipe, load_recipe
-from orchestrator.rundir import RunDirError, choose_run_dir
+from orchestrator.rundir import DEFAULT_ROOT, RunDirError, choose_run_dir
 from workers import preemption
 from workers.preemption import Preempted
 from workers.run_layout import RunLayout
-from workers.stage_outputs import StageManifest
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,8 +41,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--redo", default="", help="comma-separated stages to start over, deleting what they hold "
                                                    "(needed when a result-defining key of a stage with progress changed)")
         sp.add_argument("--force", action="store_true", help="redo every selected stage, whatever it holds")
+        sp.add_argument("-v", "--verbose", action="store_true",
+                        help="show every process's output live (default: one line per stage; the rest in <run>/logs/)")
 
     run_args(sub.add_parser("run", help="run the pipeline (rerun the same command to resume)"))
+    runs = sub.add_parser("runs", help="every run directory under ./runs and where it stands")
+    runs.add_argument("--root", default=DEFAULT_ROOT, help="the folder holding the runs (default: ./runs)")
     run_args(sub.add_parser("plan", help="print what `pofa run` would do to each stage: skip, resume, run or redo"))
 
     val = sub.add_parser("validate", help="print the resolved recipe, or its errors")
@@ -57,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "runs" or (args.command == "status" and _is_run_dir(args.job)):
+        return _status(args)
     if args.command in JOB_COMMANDS:
         return run_job_command(args)
     try:
@@ -79,13 +86,62 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_dir = choose_run_dir(recipe, args.run_dir)
         if args.command == "plan":
             return _print_plan(recipe, run_dir, stages, args.force, redo)
-        manifests = run_pipeline(recipe, run_dir, stages, args.force, redo=redo)
-        _summary(manifests, run_dir)
-        return 0
+        return _run(recipe, run_dir, stages, args.force, redo, args.verbose)
     except Preempted as exc:
         print(f"pofa: {exc}", file=sys.stderr, flush=True)
         return preemption.EXIT_CODE
-    except (RecipeError, RunDirError, ValueError) as exc:
+    except BaseException as exc:
+        if getattr(exc, "pofa_reported", False):  # the console named the stage, the error and its log
+            return 1
+        if isinstance(exc, (RecipeError, RunDirError, ValueError)):
+            print(f"pofa: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(recipe: Any, run_dir: str, stages: list[str], force: bool, redo: list[str], verbose: bool) -> int:
+    from orchestrator.console import Console
+    from orchestrator.job_graph import run_pipeline
+    from orchestrator.run_summary import summary_lines
+
+    # the console keeps the terminal; the processes' own output goes to <run>/logs/ (unless --verbose)
+    terminal = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    console = Console(terminal, verbose=verbose)
+    detach = console.attach()
+    try:
+        manifests = run_pipeline(recipe, run_dir, stages, force, console=console, redo=redo)
+        for line in summary_lines(manifests, RunLayout.open(run_dir)):
+            console(line)
+    finally:
+        detach()
+        terminal.flush()
+    return 0
+
+
+def _is_run_dir(target: Optional[str]) -> bool:
+    """`pofa status X`: X names a run directory (a folder, a path) rather than a submitted job's id."""
+    return target is None or os.path.isdir(target) or os.sep in target or target.startswith((".", "~"))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from orchestrator.run_status import StatusError, list_runs, newest_run, run_state
+
+    try:
+        if args.command == "runs":
+            paths = list_runs(args.root)
+            if not paths:
+                print(f"no runs under {os.path.abspath(args.root)}")
+            for path in paths:
+                try:
+                    print(run_state(path).one_line())
+                except StatusError as exc:
+                    print(f"{os.path.basename(path):<36s} unreadable: {exc}")
+            return 0
+        path = os.path.expanduser(args.job) if args.job else newest_run(DEFAULT_ROOT)
+        for line in run_state(path).lines():
+            print(line)
+        return 0
+    except StatusError as exc:
         print(f"pofa: error: {exc}", file=sys.stderr)
         return 2
 
@@ -116,30 +172,6 @@ def _print_plan(recipe: Any, run_dir: str, stages: list[str], force: bool, redo:
     for p in plans:
         print(p.line())
     return 1 if any(p.refused for p in plans) else 0
-
-
-def _summary(manifests: dict[str, StageManifest], run_dir: str) -> None:
-    """One screen at the end: data, teacher vs student, sparsity, time per stage, where to look."""
-    def fmt(v: object) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
-
-    pre = manifests["preprocess"].stats if "preprocess" in manifests else None
-    print("\n== pofa summary ==")
-    if pre:
-        print(f"data      {pre['documents_train']} train / {pre['documents_validation']} validation documents, "
-              f"{pre['instances_train']} / {pre['instances_validation']} instances, {pre['tokens']} tokens")
-    rows = [(s, manifests[s].stats) for s in ("teacher", "student") if s in manifests]
-    if rows:
-        print(f"{'model':9s} {'val/mlm_acc':>11s} {'val/nsp_acc':>11s} {'val/loss':>9s} {'sparsity':>9s} {'steps':>6s}")
-        for name, st in rows:
-            print(f"{name:9s} {fmt(st.get('val/mlm_acc')):>11s} {fmt(st.get('val/nsp_acc')):>11s} "
-                  f"{fmt(st.get('val/loss')):>9s} {fmt(st.get('sparsity/global')):>9s} {fmt(st.get('final_step')):>6s}")
-    times = ", ".join(f"{s} {m.wall_time_s:.0f}s" for s, m in manifests.items() if m.wall_time_s)
-    if times:
-        print(f"time      {times} (this run's work; skipped stages show their original time)")
-    if "report" in manifests:
-        layout = RunLayout.open(run_dir)
-        print(f"report    {layout.location_uri(layout.report) if layout.store.remote else layout.report}")
 
 
 if __name__ == "__main__":

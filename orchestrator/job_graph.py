@@ -9,14 +9,18 @@ holds progress is refused before any cluster work unless the user names the stag
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
 from typing import Callable, Iterable, Optional
 
+from orchestrator.console import Console, as_console
 from orchestrator.manifest import fingerprint, write_stage_manifest
 from orchestrator.plan import PlanRefused, plan_run, refusal
 from orchestrator.recipe.schema import Recipe
+from orchestrator.run_logs import RunLogs
+from orchestrator.run_summary import result_line
 from orchestrator.rundir import RunDir, RunDirError
 from orchestrator.stages import ORDER, STAGES, StageContext
 from orchestrator.tracking import TrackingSession, flatten_params
@@ -38,10 +42,13 @@ def select_stages(recipe: Recipe, requested: Optional[Iterable[str]]) -> list[st
 
 def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] = None, force: bool = False,
                  console: Callable[[str], None] = print, redo: Iterable[str] = ()) -> dict[str, StageManifest]:
-    """Run the selected stages in order; returns stage -> manifest. `redo`: stages to start over."""
+    """Run the selected stages in order; returns stage -> manifest. `redo`: stages to start over.
+    `console`: an orchestrator.console.Console draws live lines and sends the rest to `<run>/logs/`
+    (unless verbose); a plain callable gets the lines alone and output stays where it is."""
     selected = select_stages(recipe, stages)
     redo = check_redo(redo)
     check_grace(recipe.ray.preemption_grace_s)
+    console = as_console(console)
     rd = RunDir(run_dir)
     rd.acquire(console)
     layout = rd.layout  # after acquire: on an object store it carries the lease
@@ -52,8 +59,13 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
     manifests: dict[str, StageManifest] = {}
     connected = False
     tracking = None
+    logs = RunLogs(layout, capture=not console.verbose, warn=console)
     try:
         console(f"pofa: run directory {rd.where}")
+        logs.start()
+        console.capturing = logs.driver_log is not None
+        if console.capturing:
+            console(f"pofa: logs in {layout.logs} (-v shows everything live)")
         if rd.store.remote:
             fetched = rd.sync_down()
             console(f"pofa: working copy {rd.path} ({fetched} files fetched from the store)")
@@ -80,11 +92,15 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             _prepare_attempt(layout, name, fp, config, inputs, clean=plan.action == "redo")
             resumed = plan.action == "resume"
             rd.sync_up(layout.stage_dir(name))  # the attempt record: a rerun elsewhere continues this attempt
-            console(f"[{name}] {'resuming' if resumed else 'running'} ({plan.reason})")
+            if resumed and plan.reason.startswith("resuming"):
+                console(f"[{name}] {plan.reason}")  # e.g. "resuming from step 50 (checkpoint ...)"
+            else:
+                console(f"[{name}] {'resuming' if resumed else 'running'} ({plan.reason})")
+            ctx.log_dir = logs.stage(name)
             if not connected and getattr(stage, "needs_ray", True):
                 from orchestrator.ray_runtime import connect
 
-                address = connect(recipe.ray)
+                address = connect(recipe.ray, log_to_driver=console.verbose)
                 if threading.current_thread() is threading.main_thread():
                     handler.install()  # again: Ray's start installs its own SIGTERM handler (abort)
                 preemption.clear_run(layout.where)  # a notice left by a preempted earlier attempt
@@ -94,19 +110,28 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             tracking.start_stage(name, params=flatten_params(config), fresh=not resumed)
             ctx.tracker = tracking.tracker(name)
             ctx.tracking = tracking
+            tracking.observer = console.progress
+            total = _steps(recipe, name)
+            if total:
+                console.begin(name, total)
             started = time.time()
             try:
                 result = stage.run(ctx)
             except BaseException as exc:
-                tracking.end_stage(name, "KILLED" if isinstance(exc, (KeyboardInterrupt, preemption.Preempted))
-                                   else "FAILED")
+                console.end(name)
+                stopped = isinstance(exc, (KeyboardInterrupt, preemption.Preempted))
+                tracking.end_stage(name, "KILLED" if stopped else "FAILED")
+                if not stopped:
+                    _report_failure(console, logs, layout, name, exc)
                 raise
+            console.end(name)
             rd.check_lease()  # a process that lost the run never marks a stage finished
             manifests[name] = write_stage_manifest(layout, name, fp, inputs, config, result.stats, result.outputs,
                                                    result.output, started)
             rd.sync_up()  # the stage's outputs, then its manifest; recipe and tracking store with them
             record_stage(tracking, name, manifests[name], layout, result.model_dir, console)
-            console(f"[{name}] done in {manifests[name].wall_time_s:.1f}s")
+            logs.end_stage()
+            console(result_line(name, manifests[name], layout))
         tracking.finish("FINISHED")
         rd.sync_up()
         view = tracking.how_to_view()
@@ -122,8 +147,44 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
         raise
     finally:
         handler.uninstall()
+        logs.close()
+        console.capturing = False
         rd.release()
     return manifests
+
+
+def _steps(recipe: Recipe, stage: str) -> int:
+    """The steps a stage's live line counts towards (0: no live line)."""
+    section = getattr(recipe, stage, None) if stage in ("teacher", "student") else None
+    return section.max_steps if section is not None else 0
+
+
+def _report_failure(console: Console, logs: RunLogs, layout: RunLayout, stage: str, exc: BaseException) -> None:
+    """The error's first line, the stage and where the traceback is; the same in `<stage>/failure.json`
+    for `pofa status`."""
+    log = logs.record_failure(exc)
+    first = first_line(exc)
+    console(f"[{stage}] failed: {first}")
+    if log:
+        console(f"[{stage}] traceback and the workers' logs: {os.path.dirname(log)}")
+    try:
+        write_json_atomic({"error": first, "type": type(exc).__name__, "log": log, "time": time.time()},
+                          layout.failure(stage))
+    except OSError:
+        pass  # the failure itself matters more
+    exc.pofa_reported = True  # type: ignore[attr-defined]
+
+
+def first_line(exc: BaseException) -> str:
+    """The line of an error a person reads first: Ray wraps a worker's error in a traceback, whose
+    last line is the error itself."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    for ln in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", ln):
+            return ln[:300]
+    return f"{type(exc).__name__}: {lines[0][:300]}"
 
 
 def open_tracking(recipe: Recipe, rd: RunDir) -> TrackingSession:
@@ -176,6 +237,8 @@ def _prepare_attempt(layout: RunLayout, stage: str, fp: str, config: dict, input
     os.makedirs(stage_dir, exist_ok=True)
     if os.path.exists(layout.manifest(stage)):
         os.unlink(layout.manifest(stage))  # an unfinished stage must never look finished
+    if os.path.exists(layout.failure(stage)):
+        os.unlink(layout.failure(stage))  # this attempt's outcome replaces the last one's
     write_json_atomic({"fingerprint": fp, "config": config, "inputs": inputs, "started": time.time()},
                       layout.attempt(stage))
 

@@ -37,8 +37,14 @@ def add_job_commands(sub: "argparse._SubParsersAction[Any]") -> None:
 
     for name, text in (("status", "show a submitted job's status"), ("logs", "print a submitted job's output"),
                        ("stop", "stop a submitted job")):
-        sp = sub.add_parser(name, help=text)
-        sp.add_argument("job", help="the job id printed by `pofa submit`")
+        if name == "status":
+            sp = sub.add_parser(name, help="where a run stands, from its run directory alone (default: the newest "
+                                           "under ./runs); or a submitted job's status, given its id")
+            sp.add_argument("job", nargs="?", metavar="RUN_DIR|JOB",
+                            help="a run directory, or the job id printed by `pofa submit`")
+        else:
+            sp = sub.add_parser(name, help=text)
+            sp.add_argument("job", help="the job id printed by `pofa submit`")
         if name == "logs":
             sp.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
         address_arg(sp)

@@ -158,18 +158,25 @@ def describe_progress(layout: RunLayout, stage: str) -> Optional[str]:
 
 
 def resume_point(layout: RunLayout, stage: str) -> str:
+    """How the stage continues, as its console header says it: "resuming from step 50 (checkpoint ...)"."""
     if stage in ("teacher", "student"):
-        steps = committed_steps(layout, layout.training(stage))
-        return f"resume from step {steps[0]}" if steps else "resume its unfinished attempt (no checkpoint yet)"
+        found = committed_checkpoints(layout, layout.training(stage))
+        if found:
+            return f"resuming from step {found[0][0]} (checkpoint {found[0][1]})"
+        return "resuming its unfinished attempt (no checkpoint yet)"
     held = describe_progress(layout, stage)
-    return f"resume its unfinished attempt ({held})" if held else "resume its unfinished attempt"
+    return f"resuming its unfinished attempt ({held})" if held else "resuming its unfinished attempt"
+
+
+def committed_checkpoints(layout: RunLayout, run: Any) -> list[tuple[int, str]]:
+    """(step, folder relative to the run directory) of the run's committed checkpoints, newest first."""
+    from workers.train.checkpointer import Checkpointer
+
+    return Checkpointer(layout, run, 0, 1, keep=1, engine=None, parts={}, rank_parts={}).committed()
 
 
 def committed_steps(layout: RunLayout, run: Any) -> list[int]:
-    from workers.train.checkpointer import Checkpointer
-
-    checkpointer = Checkpointer(layout, run, 0, 1, keep=1, engine=None, parts={}, rank_parts={})
-    return [step for step, _ in checkpointer.committed()]
+    return [step for step, _ in committed_checkpoints(layout, run)]
 
 
 def _count(layout: RunLayout, folder: str, suffix: str, recursive: bool = False) -> int:

@@ -13,9 +13,10 @@ from workers.preemption import SETUP_HOOK, block_sigterm_for_children
 log = logging.getLogger("pofa")
 
 
-def connect(cfg: RayConfig) -> str:
+def connect(cfg: RayConfig, log_to_driver: bool = True) -> str:
     """Connect (or start locally) and return the address. The local dashboard and its Jobs API listen on
-    127.0.0.1 only unless the recipe opts in: they run arbitrary code for anyone who can reach them."""
+    127.0.0.1 only unless the recipe opts in: they run arbitrary code for anyone who can reach them.
+    `log_to_driver=False`: the workers' output stays in their log files (`<run>/logs/`) and Ray's."""
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -31,7 +32,7 @@ def connect(cfg: RayConfig) -> str:
                                                                           os.environ.get("PYTHONPATH")]))},
                    "worker_process_setup_hook": SETUP_HOOK}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
         if cfg.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
             warnings.warn(f"ray.dashboard_host={cfg.dashboard_host}: the Ray dashboard and Jobs API will accept "
@@ -41,7 +42,7 @@ def connect(cfg: RayConfig) -> str:
         unblock = block_sigterm_for_children()
         try:
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host=cfg.dashboard_host,
-                     runtime_env=runtime_env, log_to_driver=True, configure_logging=True,
+                     runtime_env=runtime_env, log_to_driver=log_to_driver, configure_logging=True,
                      logging_level=logging.WARNING)
         finally:
             unblock()

@@ -8,7 +8,7 @@
       finetune/<task>/data/                  the task's prepared features
       finetune/<task>/{teacher,seed-<s>}/    a training run each (TrainRunLayout), plus result.json
       finetune/<task>/model/                 the first seed's export
-      report/README.md
+      report/README.md  report/inference.json
 
 No other code joins run-directory paths: the orchestrator and the workers receive a `RunLayout`
 (picklable) and ask it. Every path it hands out is checked to lie inside the run directory, with
@@ -108,6 +108,7 @@ class RunLayout:
     logs = _At("logs")
     tokenizer = _At("preprocess", "tokenizer")
     report = _At("report", "README.md")
+    inference_report = _At("report", "inference.json")  # CPU speed and sizes of every export (report stage)
 
     @classmethod
     def open(cls, path_or_uri: str, mirror_root: Optional[str] = None) -> "RunLayout":
@@ -181,6 +182,10 @@ class RunLayout:
 
     def attempt(self, stage: str) -> str:
         return os.path.join(self.stage_dir(stage), "attempt.json")
+
+    def failure(self, stage: str) -> str:
+        """The last attempt's error, for `pofa status` (gone when the stage starts again)."""
+        return os.path.join(self.stage_dir(stage), "failure.json")
 
     # -- preprocess -----------------------------------------------------------------------------
     def split_dir(self, split: str) -> str:

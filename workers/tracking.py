@@ -27,7 +27,7 @@ class Tracker(Protocol):
 class NullTracker:
     """Tracks nothing: the default when no tracker is injected, and for ranks other than 0."""
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
         pass
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:

@@ -18,6 +18,7 @@ class StageContext:
     run_dir: RunDir
     tracker: Tracker = NullTracker()  # the stage's MLflow run, for loops that log as they go
     tracking: Optional[Any] = None  # the pipeline's TrackingSession, for stages with nested sub-runs
+    log_dir: Optional[str] = None  # this attempt's `<run>/logs/<stage>/attempt-<n>/`: the workers' log files go here
 
     @property
     def layout(self) -> RunLayout:

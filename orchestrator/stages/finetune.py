@@ -25,6 +25,7 @@ from pipelines.config_keys import result_defining
 from pipelines.finetune.config import FinetuneConfig, TaskConfig
 from pipelines.finetune.plan import task_train_config
 from pipelines.finetune.tasks import get_task
+from workers.console_lines import say
 from workers.jsonl import read_jsonl
 from workers.preemption import Preempted
 from workers.run_layout import TrainRunLayout
@@ -124,7 +125,8 @@ class FinetuneStage:
         spec = FinetuneSpec(task=task, role=role, layout=ctx.layout, run_name=name, init_model=init_model, train=train,
                             seed=seed, teacher_dir=teacher_dir, lock_pattern=ft.lock_pattern,
                             qat=ft.qat and role == "student", distillation=ft.distillation, tracker=tracker,
-                            resource_wait_s=ctx.recipe.ray.resource_wait_s)
+                            resource_wait_s=ctx.recipe.ray.resource_wait_s,
+                            log_dir=os.path.join(ctx.log_dir, f"{task.name}-{name}") if ctx.log_dir else None)
         try:
             result = run_finetune(spec)
         except BaseException as exc:
@@ -234,8 +236,8 @@ def _announce(event: str, node: Node, counts: dict[str, int]) -> None:
         detail = f": {node.skipped}"
     elif event == "finished" and node.started:
         detail = f" in {node.finished - node.started:.0f}s"
-    print(f"[finetune] {node.name} {event}{detail} ({counts['running']} running, {counts['done']}/{counts['total']} "
-          "done)", flush=True)
+    say(f"[finetune] {node.name} {event}{detail} ({counts['running']} running, {counts['done']}/{counts['total']} "
+        "done)")
 
 
 def _export(ctx: StageContext, stage: str) -> str:

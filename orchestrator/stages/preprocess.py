@@ -41,5 +41,5 @@ class PreprocessStage:
     def run(self, ctx: StageContext) -> StageResult:
         from workers.preprocess.job import run_preprocess
 
-        stats, outputs, record = run_preprocess(ctx.recipe.preprocess, ctx.recipe.seed, ctx.layout)
+        stats, outputs, record = run_preprocess(ctx.recipe.preprocess, ctx.recipe.seed, ctx.layout, ctx.log_dir)
         return StageResult(stats, outputs, record)

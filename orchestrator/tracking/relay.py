@@ -57,10 +57,11 @@ class RelayTracker:
 class TrackingRelay:
     """The driver's side: an inbox actor and the thread that empties it into `tracker_of(key)`."""
 
-    def __init__(self, tracker_of: Callable[[str], Any], poll_s: float = 0.5) -> None:
+    def __init__(self, tracker_of: Callable[[str], Any], poll_s: float = 0.5,
+                 observe: Optional[Callable[[str, int, Mapping[str, float]], None]] = None) -> None:
         import ray
 
-        self.tracker_of, self.poll_s = tracker_of, poll_s
+        self.tracker_of, self.poll_s, self.observe = tracker_of, poll_s, observe
         self.inbox = ray.remote(num_cpus=0, max_concurrency=1)(_Inbox).remote()
         self.waiting: dict[str, list[tuple[str, Optional[str]]]] = {}  # key -> artifacts not on this node yet
         self._stop = threading.Event()
@@ -96,6 +97,8 @@ class TrackingRelay:
         tracker = self.tracker_of(key)
         if kind == "metrics":
             tracker.log_metrics(item[2], item[3], timestamp_ms=item[4])
+            if self.observe is not None:
+                self.observe(key, item[3], item[2])
         elif kind == "tags":
             tracker.set_tags(item[2])
         elif os.path.exists(item[2]):

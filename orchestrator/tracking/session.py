@@ -64,6 +64,8 @@ class TrackingSession:
         self._client: Any = None
         self.resumed = False
         self._relay: Any = None  # TrackingRelay, once a worker needs a tracker
+        # (key, step, metrics) of every step a worker logs: the console's live line
+        self.observer: Callable[[str, int, Mapping[str, float]], None] | None = None
         # calls that need the store while it does not answer: made in order once it does
         self._lock = threading.RLock()
         self._waiting: list[Callable[[], Any]] | None = None
@@ -254,14 +256,18 @@ class TrackingSession:
 
     def worker_tracker(self, key: str) -> Tracker:
         """The tracker to ship to a stage's training workers: their records reach the store through
-        this process, the only one that writes it (`relay.py`). Needs Ray."""
-        if not self.enabled:
-            return NullTracker()
+        this process, the only one that writes it (`relay.py`). Needs Ray. With tracking disabled the
+        records still come, for the console's live line, and go no further."""
         if self._relay is None:
             from orchestrator.tracking.relay import TrackingRelay
 
-            self._relay = TrackingRelay(self._tracker)
+            self._relay = TrackingRelay(self._tracker if self.enabled else (lambda key: NullTracker()),
+                                        observe=self._observe)
         return self._relay.tracker(key)
+
+    def _observe(self, key: str, step: int, metrics: Mapping[str, float]) -> None:
+        if self.observer is not None:
+            self.observer(key, step, metrics)
 
     def log_params(self, params: Mapping[str, str], key: str | None = None) -> None:
         """Record params now (synchronously): a value differing from the recorded one is an error."""

@@ -62,6 +62,8 @@ def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny")
     events = {"teacher": _sigterm_while(run_dir, "teacher", 10, "--set", "teacher.checkpoint_every=1000")}
     events["teacher_steps"] = _committed(run_dir, "teacher")
+    events["status"] = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", str(run_dir)],
+                                      capture_output=True, text=True, timeout=120)
     events["student"] = _sigterm_while(run_dir, "student", 6, "--set", "teacher.max_failures=3", "--set",
                                        "teacher.keep_checkpoints=3", "--set", "teacher.num_workers=1", "--set",
                                        "student.checkpoint_every=1000")
@@ -81,12 +83,41 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes_there(tiny_r
         assert event["rc"] == 143 and event["exit_s"] < 60, event["out"][-3000:]
         assert len(steps) == 1 and steps[0] >= 6  # the step it was at, not a periodic checkpoint
         assert f"[{stage}] preempted at step {steps[0]}" in event["out"]
-    assert f"[teacher] resuming (resume from step {events['teacher_steps'][0]})" in student["out"]
+    assert f"[teacher] resuming from step {events['teacher_steps'][0]} (checkpoint teacher/checkpoints/step-" in student["out"]
     teacher_attempts = [json.loads(line) for line in open(run_dir / "teacher" / "attempts.jsonl")]
     assert [len(a["nodes"]) for a in teacher_attempts] == [2, 1]  # resumed on one worker instead of two
-    assert f"[student] resuming (resume from step {events['student_steps'][0]})" in out
+    assert f"[student] resuming from step {events['student_steps'][0]} (checkpoint student/checkpoints/step-" in out
     starts = [json.loads(line)["start_step"] for line in open(run_dir / "student" / "attempts.jsonl")]
     assert starts == [0, events["student_steps"][0]]
+
+
+def test_status_shows_the_killed_run_resumable_at_its_checkpoint(tiny_run):
+    _, _, events = tiny_run
+    status = events["status"]
+    step = events["teacher_steps"][0]
+    assert status.returncode == 0, status.stderr
+    assert f"teacher    resumable    at step {step} of 30 (checkpoint teacher/checkpoints/step-{step:08d})" in status.stdout
+    assert "preprocess done" in status.stdout and "student    not started" in status.stdout
+
+
+def test_the_console_is_short_and_the_rest_is_in_the_logs(tiny_run):
+    """Not a terminal: a header, at most one line per tenth and a result per stage, the closing table;
+    what Ray, Ray Train, DeepSpeed and transformers print is in <run>/logs/, one file per process."""
+    run_dir, out, events = tiny_run
+    assert len(out.splitlines()) <= 60, out
+    for text in [out] + [e["out"] for e in (events["teacher"], events["student"])]:
+        for noise in ("Reporting training result", "LOAD REPORT", "built successfully", "(pid=", "Traceback"):
+            assert noise not in text, text
+    teacher_logs = sorted(os.listdir(run_dir / "logs" / "teacher"))
+    assert teacher_logs == ["attempt-1", "attempt-2"]  # the SIGTERMed attempt, then the resumed one
+    first = run_dir / "logs" / "teacher" / "attempt-1"
+    assert {"driver.log", "worker-0.log", "worker-1.log"} <= set(os.listdir(first))
+    worker = (first / "worker-0.log").read_text()
+    assert "[teacher] step" in worker  # rank 0's own progress lines
+    finetune = run_dir / "logs" / "finetune" / "attempt-1"
+    assert any(n.startswith("polarity-seed-42") for n in os.listdir(finetune))
+    seed_log = (finetune / "polarity-seed-42" / "worker-0.log").read_text()
+    assert "task head classifier starts fresh" in seed_log
 
 
 def test_a_changed_learning_rate_is_refused_and_deletes_nothing(tiny_run):

@@ -130,7 +130,8 @@ def test_cli_end_to_end_and_lock(tmp_path):
            "--stages", "preprocess", "--set", "preprocess.source.max_documents=16", "--set", "ray.num_cpus=2"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "[preprocess] done" in first.stdout and "== pofa summary ==" in first.stdout and " instances, " in first.stdout
+    summary = first.stdout[first.stdout.index("\nstage "):]  # the run's closing table
+    assert "[preprocess] done" in first.stdout and "outputs" in summary and " instances, " in summary
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert "[preprocess] up to date (manifest matches): skipped" in second.stdout
     assert os.path.exists(tmp_path / "run" / "recipe.yaml")

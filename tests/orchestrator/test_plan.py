@@ -70,7 +70,7 @@ def test_operational_changes_resume(run) -> None:
     plans = _plan(run, "teacher.num_workers=1", "teacher.keep_checkpoints=3", "teacher.checkpoint_every=50",
                   "teacher.max_failures=5", "teacher.eval_every=10", "preprocess.num_workers=1", "ray.num_cpus=8")
     assert plans["preprocess"].action == "skip"
-    assert plans["teacher"].action == "resume" and plans["teacher"].reason == "resume from step 300"
+    assert plans["teacher"].action == "resume" and plans["teacher"].reason == "resuming from step 300 (checkpoint teacher/checkpoints/step-00000300)"
     assert plans["student"].action == "run" and not any(p.refused for p in plans.values())
 
 

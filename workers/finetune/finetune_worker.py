@@ -5,7 +5,9 @@ task's fine-tuned dense teacher, and task metrics on the evaluation splits.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -44,9 +46,36 @@ def load_task_model(name_or_path: str, task: TaskSpec, seed: int) -> torch.nn.Mo
         names = task.label_names or tuple(str(i) for i in range(task.num_labels))
         kwargs = {"num_labels": task.num_labels, "id2label": dict(enumerate(names)),
                   "label2id": {n: i for i, n in enumerate(names)}}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return auto_class(task).from_pretrained(name_or_path, **kwargs)
+    loader = logging.getLogger("transformers.modeling_utils")
+    loader.addFilter(_drop_load_report)  # it warns about the head swap, which is the point here
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, info = auto_class(task).from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    finally:
+        loader.removeFilter(_drop_load_report)
+    _check_head_swap(model, name_or_path, info)
+    return model
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+def _check_head_swap(model: torch.nn.Module, source: str, info: dict[str, Any]) -> None:
+    """A pretraining export becoming a task model drops its pretraining heads and starts a fresh task
+    head: expected, one line in the worker's log. Anything else missing from the checkpoint (encoder
+    weights) is a real problem and is said as a warning."""
+    head = tuple(n for n, m in model.named_children()
+                 if n != model.base_model_prefix and any(True for _ in m.parameters()))
+    missing = list(info.get("missing_keys") or [])
+    unexpected = list(info.get("unexpected_keys") or [])
+    surprising = [k for k in missing if not k.startswith(head)]
+    print(f"pofa: {source}: task head {', '.join(head) or '-'} starts fresh; {len(unexpected)} pretraining-head "
+          "tensor(s) dropped (expected for a pretraining export)", flush=True)
+    if surprising:
+        warnings.warn(f"{source}: {len(surprising)} encoder tensor(s) missing from the checkpoint and initialised "
+                      f"at random, e.g. {surprising[:3]}")
 
 
 def rank_rows(n: int, rank: int, world: int) -> tuple[int, int]:

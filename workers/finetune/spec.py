@@ -39,6 +39,7 @@ class FinetuneSpec:
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     tracker: Any = field(default_factory=NullTracker)
     progress: bool = True
+    log_dir: Optional[str] = None  # each worker's stdout/stderr go to <log_dir>/worker-<rank>.log
     resource_wait_s: float = 0.0  # wait this long for the cluster to hold the workers (ray.resource_wait_s)
     fault: Optional[FaultInjection] = None
     resume_universal: bool = False

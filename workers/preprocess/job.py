@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Any
+from typing import Any, Optional
 
 import ray
 
@@ -68,10 +68,10 @@ def prepare_tokenizer(cfg: PreprocessConfig, layout: RunLayout) -> None:
     layout.push(layout.tokenizer)
 
 
-def run_preprocess(cfg: PreprocessConfig, seed: int,
-                   layout: RunLayout) -> tuple[dict[str, Any], dict[str, str], PreprocessOutput]:
+def run_preprocess(cfg: PreprocessConfig, seed: int, layout: RunLayout,
+                   log_dir: Optional[str] = None) -> tuple[dict[str, Any], dict[str, str], PreprocessOutput]:
     """Run the stage; returns (manifest statistics, output files relative to the stage folder -> sha256,
-    the typed output record the training stages read)."""
+    the typed output record the training stages read). `log_dir`: each processor's output goes there."""
     prepare_tokenizer(cfg, layout)
     cfg_json = cfg.model_dump_json()
     units = read_units(cfg.source)
@@ -85,7 +85,8 @@ def run_preprocess(cfg: PreprocessConfig, seed: int,
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"cfg_json": cfg_json},
                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=max(1, min(len(units), cfg.num_workers))))
     ds = ds.map_batches(ShardProcessor, batch_size=1, batch_format="pyarrow",
-                        fn_constructor_kwargs={"cfg_json": cfg_json, "seed": seed, "layout": layout},
+                        fn_constructor_kwargs={"cfg_json": cfg_json, "seed": seed, "layout": layout,
+                                              "log_dir": log_dir},
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_cpus=cfg.cpus_per_worker,
                         runtime_env={"env_vars": _WORKER_ENV})
     records = sorted((json.loads(r["result"]) for r in ds.iter_rows()), key=lambda r: r["shard_id"])

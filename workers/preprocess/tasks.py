@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pyarrow as pa
 
@@ -14,6 +14,7 @@ from pipelines.data.shard import SPLITS, process_shard
 from pipelines.data.sources import ReadUnit, iter_documents
 from pipelines.data.tokenizer import load_tokenizer
 from pipelines.atomic import file_sha256, write_json_atomic, write_parquet_atomic
+from workers.log_files import OutputRedirect
 from workers.run_layout import RunLayout
 
 logger = logging.getLogger("pofa.preprocess")
@@ -67,7 +68,10 @@ class ShardProcessor:
     store each shard's files are stored as soon as they are written, its completion record last.
     """
 
-    def __init__(self, cfg_json: str, seed: int, layout: RunLayout):
+    def __init__(self, cfg_json: str, seed: int, layout: RunLayout, log_dir: Optional[str] = None):
+        # the actor lives for this stage only: its output goes to the stage's log folder until it ends
+        if log_dir:
+            OutputRedirect().switch(os.path.join(log_dir, f"processor-{os.getpid()}.log"))
         self.cfg = PreprocessConfig.model_validate_json(cfg_json)
         self.seed = seed
         self.layout = layout

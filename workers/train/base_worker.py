@@ -24,6 +24,7 @@ from pipelines.atomic import write_json_atomic
 from pipelines.sparsity.callback import PruningCallback
 from workers import preemption
 from workers.jsonl import read_jsonl
+from workers.log_files import output_to, worker_log
 from workers.train.checkpoint_parts import EnginePart, LRPosition, RNGState, ValuePart
 from workers.train.checkpointer import Checkpointer
 from workers.train.context import SafeTracker, all_reduce_sum, barrier, gather
@@ -264,8 +265,14 @@ def _check_fault(spec: Any, rank: int, step: int) -> None:
 def run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spec: Any) -> None:
     """The loop every training stage runs on each Ray Train worker: resume, train with periodic
     evaluation and checkpoints, export, and (rank 0) write the attempt's summary."""
-    started = time.time()
     ctx = ray.train.get_context()
+    # everything this worker prints (Ray Train, DeepSpeed, transformers, warnings) goes to its log file
+    with output_to(worker_log(getattr(spec, "log_dir", None), f"worker-{ctx.get_world_rank()}")):
+        _run_worker(make_worker, spec, ctx)
+
+
+def _run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spec: Any, ctx: Any) -> None:
+    started = time.time()
     worker = make_worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     worker.timings["worker_init_s"] = time.perf_counter() - worker._started
     cfg = spec.train

@@ -10,6 +10,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from workers import preemption
+from workers.console_lines import say
 from workers.jsonl import read_jsonl
 from workers.train.elastic import prepare_resume
 from workers.train.pretraining_worker import train_loop
@@ -71,15 +72,15 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
                 return
             if preemption.run_must_stop(started):
                 raise preemption.Preempted(spec.run.name, summary.get("final_step"), summary.get("checkpoint"))
-            print(f"[{spec.run.name}] a node or worker was preempted at step {summary.get('final_step')}: "
-                  "resuming from its checkpoint", flush=True)
+            say(f"[{spec.run.name}] a node or worker was preempted at step {summary.get('final_step')}: "
+                "resuming from its checkpoint")
             delay = cfg.retry_backoff_s
         except TrainingFailedError as exc:
             step = _newest_step(spec)
             if cfg.max_failures == 0 or step <= newest:  # no restarts wanted, or max_failures got nowhere
                 raise
-            print(f"[{spec.run.name}] attempts failed ({_first_line(exc)}) after reaching step {step}; "
-                  f"retrying from it in {delay:g} s", flush=True)
+            say(f"[{spec.run.name}] attempts failed ({_first_line(exc)}) after reaching step {step}; "
+                f"retrying from it in {delay:g} s")
             sleep(delay)
             delay = min(max(delay * 2, 1.0), MAX_BACKOFF_S)
 

@@ -1,36 +1,29 @@
-"""Rank-0 console output: a progress bar (step, loss, throughput, ETA) and the end-of-stage summary."""
+"""Rank-0 progress lines (into the worker's log) and the end-of-stage summary."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import time
+from typing import Any, Mapping
 
 
 class Progress:
-    """A tqdm bar that Ray forwards to the driver console; a no-op on other ranks or when disabled."""
+    """Rank 0 writes a plain progress line to its log every 5% of the stage (the console's live line
+    is drawn by the driver from the metrics the workers log); a no-op on other ranks or when disabled."""
 
     def __init__(self, stage: str, total: int, initial: int, enabled: bool) -> None:
-        self._bar: Optional[Any] = None
-        self._stage = stage
-        if not enabled:
-            return
-        try:  # renders cleanly on the driver when running inside Ray workers
-            from ray.experimental.tqdm_ray import tqdm
-        except ImportError:  # pragma: no cover - ray always ships it today
-            from tqdm import tqdm
-        self._bar = tqdm(total=total, desc=f"{stage}", unit="step")
-        if initial:
-            self._bar.update(initial)  # a resumed stage starts part-way
+        self._stage, self._total, self._step, self._enabled = stage, max(total, 1), initial, enabled
+        self._every = max(1, self._total // 20)
+        self._began, self._first = time.monotonic(), initial
 
     def update(self, metrics: Mapping[str, float]) -> None:
-        if self._bar is None:
+        self._step += 1
+        if not self._enabled or (self._step % self._every and self._step != self._total):
             return
-        # ray's tqdm has no postfix: loss and throughput go in the description (ETA comes from tqdm)
-        self._bar.set_description(f"{self._stage} loss={metrics.get('loss', float('nan')):.4f} "
-                                  f"samples/s={metrics.get('throughput/samples_per_s', 0.0):.1f}")
-        self._bar.update(1)
+        rate = (self._step - self._first) / max(time.monotonic() - self._began, 1e-9)
+        print(f"[{self._stage}] step {self._step}/{self._total} loss={metrics.get('loss', float('nan')):.4f} "
+              f"samples/s={metrics.get('throughput/samples_per_s', 0.0):.1f} steps/s={rate:.2f}", flush=True)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        return None
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

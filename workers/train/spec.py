@@ -48,7 +48,8 @@ class TrainSpec:
     distillation: Optional[DistillationConfig] = None
     seed: int = 42
     tracker: Any = field(default_factory=NullTracker)  # a workers.tracking.Tracker
-    progress: bool = True  # rank-0 progress bar
+    progress: bool = True  # rank 0 writes a progress line to its log every 5% of the steps
+    log_dir: Optional[str] = None  # each worker's stdout/stderr go to <log_dir>/worker-<rank>.log
     resource_wait_s: float = 0.0  # wait this long for the cluster to hold the workers (ray.resource_wait_s)
     fault: Optional[FaultInjection] = None
     # Set by the driver before each attempt: the newest checkpoint was written by another worker count

@@ -1,0 +1,165 @@
+"""`pofa status [RUN_DIR]` and `pofa runs`: where a run stands, from its directory alone (no Ray, no
+MLflow, no lock taken): each stage done (with its time and result), resumable at step N of M,
+failed (the error's first line and its log), or not started; and whether a process holds the run now.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import yaml
+from pydantic import ValidationError
+
+from orchestrator.console import format_duration
+from orchestrator.plan import committed_checkpoints, describe_progress
+from orchestrator.recipe.schema import Recipe
+from orchestrator.run_summary import key_result
+from workers.run_layout import RunLayout
+from workers.stage_outputs import ManifestError, load_manifest
+from workers.storage import is_uri
+
+
+class StatusError(ValueError):
+    """The folder cannot be read as a pofa run directory: one line that says why."""
+
+
+@dataclass
+class StageState:
+    stage: str
+    state: str  # done | resumable | failed | started | not started
+    detail: str
+
+    def line(self) -> str:
+        return f"  {self.stage:<10s} {self.state:<12s} {self.detail}".rstrip()
+
+
+@dataclass
+class RunState:
+    path: str
+    recipe: str
+    running: Optional[str]  # who holds the run's lock now
+    stages: list[StageState]
+
+    def lines(self) -> list[str]:
+        held = f" (running: {self.running})" if self.running else ""
+        return [f"{self.path}  recipe {self.recipe}{held}"] + [s.line() for s in self.stages]
+
+    def one_line(self) -> str:
+        done = sum(s.state == "done" for s in self.stages)
+        current = next((s for s in self.stages if s.state != "done"), None)
+        where = "all done" if current is None else f"{current.stage} {current.state}"
+        if current is not None and current.state in ("resumable", "failed"):
+            where += f" ({current.detail.split(';')[0][:60]})"
+        return (f"{os.path.basename(self.path):<36s} {done}/{len(self.stages)} stages  {where}"
+                + ("  [running]" if self.running else ""))
+
+
+def run_state(path: str) -> RunState:
+    if is_uri(path):
+        raise StatusError(f"{path}: pofa status reads a local run directory; on an object store, read a node's "
+                          "mirror of it ($POFA_MIRROR_DIR/<scheme>/<bucket>/<prefix>)")
+    if not os.path.isdir(path):
+        raise StatusError(f"{path}: no such directory")
+    layout = RunLayout.open(path)
+    recipe = _recipe(layout)
+    return RunState(path=layout.root, recipe=recipe.name, running=_holder(layout),
+                    stages=[stage_state(layout, recipe, s) for s in recipe.stages])
+
+
+def _recipe(layout: RunLayout) -> Recipe:
+    try:
+        with open(layout.recipe) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise StatusError(f"{layout.root} is not a pofa run directory (it holds no recipe.yaml)") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise StatusError(f"{layout.recipe}: not readable ({str(exc).splitlines()[0]})") from None
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise StatusError(f"{layout.root} was written by another pofa version: its recipe.yaml does not validate "
+                          f"here ({where}: {err['msg']}); read it with the pofa version that wrote it") from None
+
+
+def stage_state(layout: RunLayout, recipe: Recipe, stage: str) -> StageState:
+    try:
+        manifest = load_manifest(layout, stage)
+    except ManifestError as exc:
+        raise StatusError(str(exc).splitlines()[0]) from None
+    if manifest is not None:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(manifest.finished))
+        return StageState(stage, "done", f"in {format_duration(manifest.wall_time_s)} (finished {when}); "
+                                         f"{key_result(stage, manifest, layout)}")
+    failure = _read_json(layout.failure(stage))
+    progress = _progress(layout, recipe, stage)
+    if failure is not None:
+        text = f"{failure.get('error', '?')}"
+        if failure.get("log"):
+            text += f"; log {failure['log']}"
+        if progress:
+            text += f"; {progress}"
+        return StageState(stage, "failed", text)
+    if progress and progress.startswith("at step"):
+        return StageState(stage, "resumable", progress)
+    if os.path.exists(layout.attempt(stage)):
+        return StageState(stage, "started", progress or "no progress kept yet")
+    return StageState(stage, "not started", "")
+
+
+def _progress(layout: RunLayout, recipe: Recipe, stage: str) -> Optional[str]:
+    """What a rerun continues from."""
+    if stage in ("teacher", "student"):
+        found = committed_checkpoints(layout, layout.training(stage))
+        if found:
+            total = getattr(recipe, stage).max_steps
+            return f"at step {found[0][0]} of {total} (checkpoint {found[0][1]})"
+        return None
+    if stage == "report":
+        return None
+    return describe_progress(layout, stage)
+
+
+def _read_json(path: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _holder(layout: RunLayout) -> Optional[str]:
+    """Who holds the run's lock (a `pofa run` in progress), without taking it for long."""
+    try:
+        f = open(layout.lock)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+def list_runs(root: str) -> list[str]:
+    """Run directories under `root` (those holding a recipe.yaml), newest first."""
+    if not os.path.isdir(root):
+        raise StatusError(f"{root}: no such directory (runs are made there by `pofa run`)")
+    found = [os.path.join(root, n) for n in os.listdir(root)
+             if os.path.isfile(os.path.join(root, n, "recipe.yaml"))]
+    return sorted(found, key=lambda p: os.path.getmtime(p), reverse=True)
+
+
+def newest_run(root: str) -> str:
+    runs = list_runs(root)
+    if not runs:
+        raise StatusError(f"{root} holds no run directory; name one: pofa status RUN_DIR")
+    return runs[0]
