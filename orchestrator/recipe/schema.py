@@ -11,6 +11,7 @@ from pipelines.config_keys import operational
 from pipelines.data.config import PreprocessConfig
 from pipelines.distillation import DistillationConfig
 from pipelines.finetune.config import FinetuneConfig
+from pipelines.inference.config import ReportConfig
 from pipelines.models.config import ModelConfig
 from pipelines.sparsity.config import PruningConfig
 from pipelines.training.config import TrainConfig
@@ -67,6 +68,8 @@ class Recipe(BaseModel):
     teacher: Optional[TrainConfig] = None
     student: Optional[StudentConfig] = None
     finetune: Optional[FinetuneConfig] = None
+    # result-defining, but only the report stage reads it (changing it redoes the report alone)
+    report: ReportConfig = ReportConfig()
     tracking: TrackingConfig = operational(TrackingConfig())
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from orchestrator.manifest import stage_fingerprint
 from orchestrator.recipe.load import dump_recipe
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import StageContext, StageResult
+from orchestrator.stages.inference_section import render_inference, run_inference
 from orchestrator.stages.results_table import results_table, seed_table
 from pipelines.atomic import write_text_atomic
 from pipelines.config_keys import result_defining
@@ -49,7 +50,8 @@ def _sparsity(models: Mapping[str, str]) -> Optional[dict[str, Any]]:
     return json.loads(path.read_text())
 
 
-def render_report(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, StageManifest]) -> str:
+def render_report(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, StageManifest],
+                  inference: Optional[Mapping[str, Any]] = None) -> str:
     out = [f"# pofa run `{recipe.name}`", "", recipe.description or "", ""]
     models = _models(layout, manifests)
     sp = _sparsity(models)
@@ -74,6 +76,7 @@ def render_report(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, Sta
         out += ["## Sparsity per layer", "", "![sparsity per layer](sparsity.png)", "",
                 _table(["layer", "shape", "sparsity"], [[l["name"], "×".join(map(str, l["shape"])), l["sparsity"]]
                                                           for l in sp["layers"]]), ""]
+    out += render_inference(inference)
     out += ["## Wall time", "", _table(["stage", "seconds"], [[s, m.wall_time_s] for s, m in manifests.items()]), ""]
     if models:
         out += ["## Exported models", "", _table(["stage", "Hugging Face folder"], [[s, m] for s, m in models.items()]),
@@ -133,11 +136,16 @@ class ReportStage:
         layout = ctx.layout
         manifests = {s: m for s in UPSTREAM if (m := load_manifest(layout, s))}
         path = layout.report
-        write_text_atomic(render_report(ctx.recipe, layout, manifests), path)
+        inference = run_inference(ctx.recipe, layout, manifests, ctx.tracker)  # report/inference.json
+        write_text_atomic(render_report(ctx.recipe, layout, manifests, inference), path)
         student = _models(layout, manifests).get("student")
         png = report_paths(student)[1] if student else None
         if png is not None and png.exists():  # the per-layer chart the README shows
             shutil.copyfile(png, os.path.join(os.path.dirname(path), png.name))
         ctx.tracker.log_artifact(path, "report")
         outputs = layout.file_hashes(self.name, os.path.dirname(path))
-        return StageResult({"stages_reported": sorted(manifests)}, outputs, ReportOutput(stages_reported=sorted(manifests)))
+        stats: dict[str, Any] = {"stages_reported": sorted(manifests)}
+        if inference is not None:
+            stats["inference_models"] = len(inference["models"])
+            stats["inference_not_measured"] = sum(1 for r in inference["models"] if r["error"])
+        return StageResult(stats, outputs, ReportOutput(stages_reported=sorted(manifests)))

@@ -152,6 +152,34 @@ def test_report_and_manifests(tiny_run):
         assert json.load(open(run_dir / stage / "manifest.json"))["status"] == "complete"
 
 
+def test_report_has_an_inference_row_per_export(tiny_run):
+    """Every export timed in ONNX Runtime and sized, beside the dense model of its kind; in MLflow too."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir, _, _ = tiny_run
+    report = json.load(open(run_dir / "report" / "inference.json"))
+    rows = {r["name"]: r for r in report["models"]}
+    assert list(rows) == ["teacher", "student", "polarity/teacher", "polarity/seed-42"]
+    assert report["seq_len"] == 128 and report["latency_batch"] == 1 and report["throughput_batch"] == 32
+    for name, row in rows.items():
+        assert row["error"] is None, row
+        assert row["latency_ms"] > 0 and row["throughput_seq_s"] > 0 and row["max_abs_diff"] < 1e-3
+        assert row["safetensors_bytes"] == os.path.getsize(run_dir / row["folder"] / "model.safetensors")
+    assert rows["student"]["reference"] == "teacher" and rows["polarity/seed-42"]["reference"] == "polarity/teacher"
+    assert abs(rows["student"]["sparsity"] - 0.9) < 1e-3
+    assert rows["student"]["sparse_bytes"] < rows["teacher"]["sparse_bytes"]
+    text = (run_dir / "report" / "README.md").read_text()
+    section = text[text.index("## Inference"):text.index("## Wall time")]
+    for name in rows:
+        assert f"\n| {name} | " in section
+    assert "CPU kernels:" in section and "no speed-up" in section
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    stage = next(r for r in runs if r.data.tags.get("pofa.stage") == "report")
+    assert stage.data.metrics["inference.student.latency_ms"] == rows["student"]["latency_ms"]
+    assert "inference.polarity.seed-42.throughput_speedup" in stage.data.metrics
+
+
 def test_training_honours_the_masking_contract(tiny_run):
     """The default tiny data (length 128, up to 20 predictions) give BERT's ~15% of MLM targets at
     every logged step of both pretraining stages."""
