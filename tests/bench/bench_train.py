@@ -83,6 +83,7 @@ def ray_side(run_dir: str, steps: int, workers: int) -> dict[str, float]:
 
     from workers.train.driver import run_training
 
+    imported = time.time()
     ray.init(num_cpus=max(4, workers * 2), log_to_driver=False)  # keep the table readable
     spec = _spec(os.path.join(run_dir, "ray"), steps, workers, checkpoint_every=steps // 2)
     called = time.time()
@@ -101,6 +102,14 @@ def ray_side(run_dir: str, steps: int, workers: int) -> dict[str, float]:
     return {"step_s": _median_step_time([r["time"] for r in records]),
             "call_to_first_step_s": records[0]["time"] - called,
             "command_to_first_step_s": records[0]["time"] - COMMAND_START,
+            # where the start-up goes (rank 0's marks)
+            "startup": {"imports (torch, Ray, pofa)": imported - COMMAND_START,
+                        "ray.init (local instance)": called - imported,
+                        "Ray Train: controller, worker group, process group": first["timings"]["entered_at"] - called,
+                        "worker build: model, DeepSpeed engine, data open": (first["timings"]["built_at"]
+                                                                             - first["timings"]["entered_at"]),
+                        "resume check": first["timings"]["resumed_at"] - first["timings"]["built_at"],
+                        "first step": records[0]["time"] - first["timings"]["resumed_at"]},
             "save_s": first["timings"]["checkpoint_save_s"][-1],
             "load_s": resumed["timings"]["checkpoint_load_s"]}
 
@@ -175,6 +184,7 @@ def main() -> None:
         ("ratio Ray Train / bare", f"{ray_['step_s'] / bare['step_s']:.3f}", "goal <= 1.05"),
         ("command -> first step (s)", f"{ray_['command_to_first_step_s']:.1f}", "goal <= 30"),
         ("run_training() call -> first step (s)", f"{ray_['call_to_first_step_s']:.1f}", ""),
+        *[(f"  start-up: {phase} (s)", f"{secs:.1f}", "") for phase, secs in ray_["startup"].items()],
         ("checkpoint save (s)", f"{ray_['save_s']:.3f}", f"bare: {bare['save_s']:.3f}"),
         ("checkpoint load (s)", f"{ray_['load_s']:.3f}", ""),
     ]

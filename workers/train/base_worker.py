@@ -275,8 +275,11 @@ def _run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spe
     started = time.time()
     worker = make_worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     worker.timings["worker_init_s"] = time.perf_counter() - worker._started
+    # wall-clock marks of the start-up, for `make bench-train`'s breakdown of where it goes
+    worker.timings.update(entered_at=started, built_at=time.time())
     cfg = spec.train
     start_step = worker.resume()
+    worker.timings["resumed_at"] = time.time()
     progress = Progress(worker.run.name, cfg.max_steps, start_step, spec.progress and worker.is_rank0)
     preempted = False
     while worker.step < cfg.max_steps:
