@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from pipelines.data.collator import IGNORE_INDEX
+from pipelines.kd_kernel import fused_kd_kl
 from pipelines.models.heads import mlm_logits, nsp_logits
 from pipelines.training.losses import GlobalNorm
 
@@ -52,19 +53,11 @@ def _wide(x: Tensor) -> Tensor:
 def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
           valid: Tensor | None = None, divisor: float | None = None) -> Tensor:
     """Mean over rows of KL(teacher_T || student_T) * T^2; logits [..., C], `valid` selects rows.
-    `divisor`: divide the sum by it instead of this batch's row count (a global batch's count)."""
-    classes = student_logits.shape[-1]
-    s = student_logits.reshape(-1, classes)
-    t = teacher_logits.detach().reshape(-1, classes)
-    if valid is not None:
-        keep = valid.reshape(-1).to(torch.bool)
-        s, t = s[keep], t[keep]
-    if s.shape[0] == 0:
-        return student_logits.sum() * 0.0  # keeps the graph and the device
-    log_p_s = F.log_softmax(_wide(s) / temperature, dim=-1)
-    log_p_t = F.log_softmax(_wide(t) / temperature, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) / (divisor or s.shape[0])
-    return kl * temperature**2
+    `divisor`: divide the sum by it instead of this batch's row count (a global batch's count).
+    Computed block by block with its gradient in the same pass (`pipelines/kd_kernel.py`): the
+    same value as `F.kl_div(log_softmax(s / T), log_softmax(t / T), log_target=True)`, without
+    the [rows, C] intermediates."""
+    return fused_kd_kl(student_logits, teacher_logits, temperature, valid, divisor)
 
 
 def combine(hard: Tensor, kd: Tensor, cfg: DistillationConfig) -> DistillationLoss:

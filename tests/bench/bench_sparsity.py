@@ -9,7 +9,9 @@ variants interleaved round by round (so machine load drifts hit all of them alik
   kd+masks      the real student stage step: KD + masks applied every step
   kd(masked)    KD with the MLM KL on masked positions only (mlm_positions="masked")
 The KD rows use the reference's MLM KL over every non-padding token unless marked.
-Goals: masks <= 1.03x plain, kd <= 1.45x plain. Prints a table; returns nothing.
+Goal: masks <= 1.03x plain. The KD goal (<= 1.45x plain) is set at BERT-Base shape, where the
+encoder outweighs the vocabulary head: `make bench-kd`; here the KD rows are context. Prints a
+table; returns nothing.
 Ratios use the process's CPU time per step (one torch thread by default), which stays meaningful
 on a shared, overloaded machine where wall time does not; wall time is printed alongside.
 """
@@ -126,7 +128,7 @@ def main() -> None:
     print(f"bench-sparsity: BERT hidden={args.hidden} layers={args.layers} vocab={args.vocab} "
           f"({n_params / 1e6:.1f}M params), batch={args.batch}x{args.seq}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), {args.rounds} interleaved rounds, median CPU time per step")
-    goals = {"masks": 1.03, "kd": 1.45, "kd(masked)": 1.45}
+    goals = {"masks": 1.03}  # KD: goal at BERT-Base shape (make bench-kd)
     print(f"{'variant':<12} {'cpu ms':>9} {'x plain':>8} {'wall ms':>9} {'goal':>7}")
     for name, ts in times.items():
         med = statistics.median(ts)

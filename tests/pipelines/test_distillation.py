@@ -1,11 +1,15 @@
-"""KD losses: limits of the weights, the KL term by hand, gradients by finite differences."""
+"""KD losses: limits of the weights, the KL term by hand, gradients by finite differences, and the
+chunked KL kernel (`pipelines/kd_kernel.py`) against the straightforward `F.log_softmax` + `F.kl_div`."""
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForPreTraining
 
+import pipelines.distillation as distillation
+import pipelines.kd_kernel as kd_kernel
 from pipelines.distillation import (DistillationConfig, distillation_loss, kd_kl, mlm_nsp_loss, qa_loss,
                                     sequence_classification_loss, teacher_logits)
+from pipelines.training.losses import GlobalNorm
 
 HARD_ONLY = DistillationConfig(hard_weight=1.0, kd_weight=0.0)
 KD_ONLY = DistillationConfig(hard_weight=0.0, kd_weight=1.0)
@@ -110,3 +114,126 @@ def test_gradients_match_finite_differences_on_a_tiny_model():
         return mlm_nsp_loss(m, n, t_mlm, t_nsp, mlm_labels, torch.tensor([1, 0]), DistillationConfig(), attn).total
 
     assert torch.autograd.gradcheck(pre, (mlm, nsp), eps=1e-6, atol=1e-6)
+
+
+# -- the chunked KL kernel against the straightforward implementation ------------------------------
+def reference_kd_kl(student, teacher, temperature, valid=None, divisor=None):
+    """pofa's KL before the kernel: log-softmax of both sides, F.kl_div, autograd for the gradient."""
+    classes = student.shape[-1]
+    s, t = student.reshape(-1, classes), teacher.detach().reshape(-1, classes)
+    if valid is not None:
+        keep = valid.reshape(-1).to(torch.bool)
+        s, t = s[keep], t[keep]
+    if s.shape[0] == 0:
+        return student.sum() * 0.0
+    wide = (lambda x: x.float()) if s.dtype in (torch.float16, torch.bfloat16) else (lambda x: x)
+    log_p_s = F.log_softmax(wide(s) / temperature, dim=-1)
+    log_p_t = F.log_softmax(wide(t) / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) / (divisor or s.shape[0]) * temperature**2
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 3 rows of a 101-class vocabulary: every test runs several blocks and a partial last one."""
+    monkeypatch.setattr(kd_kernel, "_BLOCK_ELEMENTS", 3 * 101)
+
+
+def _logits(shape, seed, scale=4.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.5])
+@pytest.mark.parametrize("with_valid", [False, True])
+@pytest.mark.parametrize("divisor", [None, 57.0])
+def test_kernel_matches_reference_value_and_gradient(small_blocks, temperature, with_valid, divisor):
+    student = _logits((4, 11, 101), 0).requires_grad_()
+    teacher = _logits((4, 11, 101), 1)
+    valid = None
+    if with_valid:
+        valid = torch.ones(4, 11, dtype=torch.bool)
+        valid[0, 7:] = False
+        valid[2, 3:] = False
+        valid[3, 0] = False
+    upstream = torch.tensor(0.37)  # as the loss weights scale it in a real step
+    new = kd_kernel.fused_kd_kl(student, teacher, temperature, valid, divisor)
+    (g_new,) = torch.autograd.grad(new * upstream, student)
+    old = reference_kd_kl(student, teacher, temperature, valid, divisor)
+    (g_old,) = torch.autograd.grad(old * upstream, student)
+    assert new.dtype == old.dtype == torch.float32
+    assert old.item() > 0.1  # the logits differ: a real KL, not a trivial zero
+    assert abs(new.item() - old.item()) <= 1e-5 * max(1.0, abs(old.item()))
+    torch.testing.assert_close(g_new, g_old, rtol=1e-4, atol=1e-6 * g_old.abs().max().item())
+    if with_valid:  # padding rows get no gradient
+        assert g_new[0, 7:].abs().max().item() == 0.0 and g_new[3, 0].abs().max().item() == 0.0
+        assert g_new[0, :7].abs().max().item() > 0.0
+
+
+def test_kernel_gradcheck_fp64_with_rows_divisor_and_temperature(small_blocks):
+    student = _logits((3, 5, 101), 2, scale=2.0, dtype=torch.float64).requires_grad_()
+    teacher = _logits((3, 5, 101), 3, scale=2.0, dtype=torch.float64)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 1, 1, 0]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(lambda s: kd_kernel.fused_kd_kl(s, teacher, 2.5, valid, 9.0), (student,),
+                                    eps=1e-6, atol=1e-7)
+    value = kd_kernel.fused_kd_kl(student, teacher, 2.5, valid, 9.0)
+    assert value.dtype == torch.float64
+    assert value.item() == pytest.approx(reference_kd_kl(student, teacher, 2.5, valid, 9.0).item(), rel=1e-12)
+
+
+def test_kernel_teacher_gets_no_gradient_and_empty_selection_keeps_the_graph():
+    student = _logits((2, 3, 7), 4).requires_grad_()
+    teacher = _logits((2, 3, 7), 5).requires_grad_()
+    kd_kernel.fused_kd_kl(student, teacher, 2.0).backward()
+    assert teacher.grad is None and student.grad is not None and student.grad.abs().sum().item() > 0
+    empty = kd_kernel.fused_kd_kl(student, teacher, 2.0, torch.zeros(2, 3, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_half_precision_upcasts_like_the_reference(small_blocks, dtype):
+    student = _logits((3, 4, 101), 6, dtype=dtype).requires_grad_()
+    teacher = _logits((3, 4, 101), 7, dtype=dtype)
+    valid = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    new = kd_kernel.fused_kd_kl(student, teacher, 2.0, valid)
+    (g_new,) = torch.autograd.grad(new, student)
+    old = reference_kd_kl(student, teacher, 2.0, valid)
+    (g_old,) = torch.autograd.grad(old, student)
+    assert new.dtype == torch.float32 and g_new.dtype == dtype
+    assert abs(new.item() - old.item()) <= 1e-5 * max(1.0, abs(old.item()))
+    torch.testing.assert_close(g_new.float(), g_old.float(), rtol=2e-2, atol=1e-2 * g_old.abs().max().item())
+
+
+@pytest.mark.parametrize("positions", ["tokens", "masked"])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_mlm_nsp_loss_matches_the_straightforward_loss(small_blocks, monkeypatch, positions, with_norm):
+    """Today's mlm_nsp_loss with the kernel vs. the same function with the straightforward KL:
+    total, hard and kd within 1e-5, gradients on the student's MLM and NSP logits close."""
+    s_mlm = _logits((3, 9, 101), 8).requires_grad_()
+    s_nsp = _logits((3, 2), 9).requires_grad_()
+    t_mlm, t_nsp = _logits((3, 9, 101), 10), _logits((3, 2), 11)
+    labels = torch.full((3, 9), -100)
+    labels[0, [1, 4]] = torch.tensor([5, 17])
+    labels[1, 2] = 40
+    labels[2, [3, 6, 7]] = torch.tensor([1, 2, 100])
+    attention = torch.ones(3, 9, dtype=torch.long)
+    attention[1, 6:] = 0
+    attention[2, 8:] = 0
+    nsp_labels = torch.tensor([0, 1, 1])
+    cfg = DistillationConfig(hard_weight=0.4, kd_weight=0.6, temperature=3.0, mlm_positions=positions)
+    norm = GlobalNorm(targets=13.0, tokens=61.0, sequences=5.0, scale=2.0) if with_norm else None
+
+    def run():
+        loss = mlm_nsp_loss(s_mlm, s_nsp, t_mlm, t_nsp, labels, nsp_labels, cfg, attention, norm)
+        return loss, torch.autograd.grad(loss.total, (s_mlm, s_nsp))
+
+    new, (g_mlm, g_nsp) = run()
+    monkeypatch.setattr(distillation, "kd_kl", reference_kd_kl)
+    old, (r_mlm, r_nsp) = run()
+    assert old.kd.item() > 0.1
+    for part in ("total", "hard", "kd"):
+        a, b = getattr(new, part).item(), getattr(old, part).item()
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), part
+    torch.testing.assert_close(g_mlm, r_mlm, rtol=1e-4, atol=1e-6 * r_mlm.abs().max().item())
+    torch.testing.assert_close(g_nsp, r_nsp, rtol=1e-4, atol=1e-6 * r_nsp.abs().max().item())
+    if positions == "tokens":  # padding rows carry no KD gradient and are no MLM target
+        assert g_mlm[1, 6:].abs().max().item() == 0.0
