@@ -169,9 +169,10 @@ def test_kernel_matches_reference_value_and_gradient(small_blocks, temperature, 
         assert g_new[0, :7].abs().max().item() > 0.0
 
 
-def test_kernel_gradcheck_fp64_with_rows_divisor_and_temperature(small_blocks):
-    student = _logits((3, 5, 101), 2, scale=2.0, dtype=torch.float64).requires_grad_()
-    teacher = _logits((3, 5, 101), 3, scale=2.0, dtype=torch.float64)
+def test_kernel_gradcheck_fp64_with_rows_divisor_and_temperature(monkeypatch):
+    monkeypatch.setattr(kd_kernel, "_BLOCK_ELEMENTS", 3 * 13)  # blocks of 3 rows: several, a partial last one
+    student = _logits((3, 5, 13), 2, scale=2.0, dtype=torch.float64).requires_grad_()
+    teacher = _logits((3, 5, 13), 3, scale=2.0, dtype=torch.float64)
     valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 1, 1, 0]], dtype=torch.bool)
     assert torch.autograd.gradcheck(lambda s: kd_kernel.fused_kd_kl(s, teacher, 2.5, valid, 9.0), (student,),
                                     eps=1e-6, atol=1e-7)
