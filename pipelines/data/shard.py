@@ -89,6 +89,21 @@ def _sentences(doc: RawDocument, text: str, language: str) -> list[str]:
     return split_lines(text) if doc.markup == "lines" else split_sentences(text, language)
 
 
+def encode_sentences(tokenizer, sentences: list[str]) -> list[list[int]]:
+    """Token ids of each sentence, no special tokens: the fast tokenizer's own Rust encoder called directly
+    (`encode_batch_fast`: no offsets, no per-encoding conversion to Python dicts), the same ids as
+    `tokenizer(sentences, add_special_tokens=False)["input_ids"]`. A backend that has truncation or padding
+    configured goes through the `transformers` call, which turns them off for an unpadded call."""
+    if not sentences:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return tokenizer(sentences, add_special_tokens=False, return_attention_mask=False,
+                         return_token_type_ids=False)["input_ids"]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(sentences, add_special_tokens=False)]
+
+
 def process_shard(docs: Sequence[RawDocument], shard_id: str, cfg: PreprocessConfig, seed: int,
                   tokenizer) -> tuple[dict[str, pa.Table], ShardStats]:
     stats = ShardStats()
@@ -99,8 +114,7 @@ def process_shard(docs: Sequence[RawDocument], shard_id: str, cfg: PreprocessCon
             texts.append(_sentences(doc, text, cfg.language))
             ids.append(doc.doc_id)
     flat = [s for sentences in texts for s in sentences]
-    encoded = tokenizer(flat, add_special_tokens=False, return_attention_mask=False,
-                        return_token_type_ids=False)["input_ids"] if flat else []
+    encoded = encode_sentences(tokenizer, flat)
     pools: dict[str, list[list[list[int]]]] = {split: [] for split in SPLITS}
     cursor = 0
     for doc_id, sentences in zip(ids, texts):
@@ -120,34 +134,49 @@ def _instances_table(pool: list[list[list[int]]], shard_id: str, split: str, cfg
                      tokenizer, stats: ShardStats) -> pa.Table:
     settings = PairSettings(cfg.max_seq_length, cfg.short_seq_prob, cfg.nsp_random_prob)
     static = cfg.masking == "static"
-    special = frozenset(tokenizer.all_special_ids)
-    mask_settings = MaskSettings(cfg.masked_lm_prob, cfg.max_predictions_per_seq, len(tokenizer), tokenizer.mask_token_id)
-    cols: dict[str, list] = {name: [] for name in SCHEMA.names}
+    # Token ids looked up once: each `tokenizer.*_id` property is a vocabulary lookup through `transformers`.
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    special = frozenset(tokenizer.all_special_ids) if static else frozenset()
+    mask_settings = MaskSettings(cfg.masked_lm_prob, cfg.max_predictions_per_seq, len(tokenizer),
+                                 tokenizer.mask_token_id) if static else None
+    input_ids: list[list[int]] = []
+    type_ids: list[list[int]] = []
+    nsp: list[int] = []
+    positions_col: list[list[int]] = []
+    labels_col: list[list[int]] = []
+    histogram = stats.length_histogram
     productive = [False] * len(pool)
+    tokens = short = 0
     for copy in range(cfg.dupe_factor):
         rng = shard_rng(seed, shard_id, split, copy)
         for index in range(len(pool)):
             for inst in instances_from_document(pool, index, settings, rng):
                 productive[index] = True
-                ids, types = pack(inst, tokenizer.cls_token_id, tokenizer.sep_token_id)
-                positions: list[int] = []
-                labels: list[int] = []
+                ids, types = pack(inst, cls_id, sep_id)
                 if static:
                     ids, positions, labels = mask_instance(ids, special, mask_settings, rng)
                     stats.masked_tokens += len(positions)
                     stats.maskable_tokens += len(ids) - 3
-                cols["input_ids"].append(ids)
-                cols["token_type_ids"].append(types)
-                cols["next_sentence_label"].append(int(inst.is_random_next))
-                cols["masked_lm_positions"].append(positions)
-                cols["masked_lm_ids"].append(labels)
-                stats.tokens += len(ids)
-                stats.short_instances += inst.short_target
-                stats.random_next += inst.is_random_next
-                stats.length_histogram[(len(ids) - 1) // 16 * 16] += 1
+                    positions_col.append(positions)
+                    labels_col.append(labels)
+                input_ids.append(ids)
+                type_ids.append(types)
+                nsp.append(int(inst.is_random_next))
+                n = len(ids)
+                tokens += n
+                short += inst.short_target
+                histogram[(n - 1) // 16 * 16] += 1
+    random_next = sum(nsp)  # 0 or 1 each
+    stats.tokens += tokens
+    stats.short_instances += short
+    stats.random_next += random_next
     made = sum(productive)
     stats.documents[split] += made
     if made < len(pool):
         stats.skipped.skip("made_no_instance", len(pool) - made)
-    stats.instances[split] += len(cols["input_ids"])
-    return pa.table(cols, schema=SCHEMA)
+    stats.instances[split] += len(input_ids)
+    if not static:  # no stored masks: every row's lists are empty
+        positions_col = labels_col = [[]] * len(input_ids)
+    return pa.table({"input_ids": input_ids, "token_type_ids": type_ids,
+                     "next_sentence_label": pa.array(nsp, type=pa.int8()),
+                     "masked_lm_positions": positions_col, "masked_lm_ids": labels_col}, schema=SCHEMA)

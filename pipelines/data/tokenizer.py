@@ -2,14 +2,60 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
 
-from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # `transformers` imports torch (seconds): only the functions that need it import it
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What preprocessing needs of a tokenizer, portable to a worker that never imports `transformers`:
+    the Rust tokenizer exactly as the loaded `transformers` tokenizer holds it, and its special ids."""
+
+    backend_json: str
+    cls_token_id: int
+    sep_token_id: int
+    mask_token_id: int
+    all_special_ids: tuple[int, ...]
+    vocab_size: int  # len(tokenizer): the vocabulary with added tokens
+
+    @classmethod
+    def of(cls, tok: "PreTrainedTokenizerFast") -> "EncoderSpec":
+        return cls(tok.backend_tokenizer.to_str(), tok.cls_token_id, tok.sep_token_id, tok.mask_token_id,
+                   tuple(tok.all_special_ids), len(tok))
+
+    def load(self) -> "SentenceEncoder":
+        return SentenceEncoder(self)
+
+
+class SentenceEncoder:
+    """The tokenizer as `process_shard` uses it (the same attributes as a `transformers` fast tokenizer),
+    without `transformers`: a preprocess worker starts in a fraction of the time, since it never imports
+    torch. Truncation and padding are off, as for `tokenizer(texts, add_special_tokens=False)`."""
+
+    def __init__(self, spec: EncoderSpec):
+        from tokenizers import Tokenizer
+
+        self.backend_tokenizer = Tokenizer.from_str(spec.backend_json)
+        self.backend_tokenizer.no_truncation()
+        self.backend_tokenizer.no_padding()
+        self.cls_token_id = spec.cls_token_id
+        self.sep_token_id = spec.sep_token_id
+        self.mask_token_id = spec.mask_token_id
+        self.all_special_ids = list(spec.all_special_ids)
+        self._len = spec.vocab_size
+
+    def __len__(self) -> int:
+        return self._len
+
+
+def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerFast":
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
     except (OSError, ValueError) as exc:
@@ -58,8 +104,10 @@ def build_wordpiece_vocab(texts: Iterable[str], vocab_size: int, lowercase: bool
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool, out_dir: str,
-                    model_max_length: int) -> PreTrainedTokenizerFast:
+                    model_max_length: int) -> "PreTrainedTokenizerFast":
     """Learn a WordPiece vocabulary from `texts` and save a BERT tokenizer folder (AutoTokenizer-loadable)."""
+    from transformers import BertTokenizerFast
+
     os.makedirs(out_dir, exist_ok=True)
     vocab = build_wordpiece_vocab(texts, vocab_size, lowercase)
     tok = BertTokenizerFast(vocab={piece: i for i, piece in enumerate(vocab)}, do_lower_case=lowercase,

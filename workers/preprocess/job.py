@@ -17,16 +17,13 @@ from pipelines.data.config import PreprocessConfig
 from pipelines.data.documents import SkipCounter
 from pipelines.data.shard import clean_document
 from pipelines.data.sources import iter_documents, read_units
-from pipelines.data.tokenizer import load_tokenizer, train_wordpiece
+from pipelines.data.tokenizer import EncoderSpec, load_tokenizer, train_wordpiece
 from pipelines.atomic import atomic_dir
 from pipelines.data.masking import MaskingContract
 from pipelines.data.shard import SPLITS
 from workers.preprocess.tasks import ShardProcessor, read_shards
 from workers.run_layout import RunLayout
 from workers.stage_outputs import PreprocessOutput
-
-# One tokenizer thread per worker: the workers are the parallelism, and measuring their scaling needs this.
-_WORKER_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _corpus_sample(cfg: PreprocessConfig):
@@ -73,6 +70,7 @@ def run_preprocess(cfg: PreprocessConfig, seed: int, layout: RunLayout,
     """Run the stage; returns (manifest statistics, output files relative to the stage folder -> sha256,
     the typed output record the training stages read). `log_dir`: each processor's output goes there."""
     prepare_tokenizer(cfg, layout)
+    tokenizer = load_tokenizer(layout.tokenizer)
     cfg_json = cfg.model_dump_json()
     units = read_units(cfg.source)
     ctx = ray.data.DataContext.get_current()
@@ -86,16 +84,18 @@ def run_preprocess(cfg: PreprocessConfig, seed: int, layout: RunLayout,
                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=max(1, min(len(units), cfg.num_workers))))
     ds = ds.map_batches(ShardProcessor, batch_size=1, batch_format="pyarrow",
                         fn_constructor_kwargs={"cfg_json": cfg_json, "seed": seed, "layout": layout,
-                                              "log_dir": log_dir},
-                        compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_cpus=cfg.cpus_per_worker,
-                        runtime_env={"env_vars": _WORKER_ENV})
+                                              "encoder": EncoderSpec.of(tokenizer), "log_dir": log_dir},
+                        # one shard running and the next one waiting on each processor: the last shards
+                        # go to whichever processor is free, not to a queue decided early
+                        compute=ray.data.ActorPoolStrategy(size=cfg.num_workers, max_tasks_in_flight_per_actor=2),
+                        num_cpus=cfg.cpus_per_worker)
     records = sorted((json.loads(r["result"]) for r in ds.iter_rows()), key=lambda r: r["shard_id"])
     layout.pull(layout.stage_dir("preprocess"))  # shards written on other nodes: into this node's copy too
-    return finish_preprocess(cfg, layout, records)
+    return finish_preprocess(cfg, layout, records, vocab_size=len(tokenizer))
 
 
-def finish_preprocess(cfg: PreprocessConfig, layout: RunLayout,
-                      records: list[dict]) -> tuple[dict[str, Any], dict[str, str], PreprocessOutput]:
+def finish_preprocess(cfg: PreprocessConfig, layout: RunLayout, records: list[dict],
+                      vocab_size: Optional[int] = None) -> tuple[dict[str, Any], dict[str, str], PreprocessOutput]:
     """From the shards' completion records: statistics, output hashes and the typed output record."""
     files: dict[str, str] = {}
     splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
@@ -104,7 +104,8 @@ def finish_preprocess(cfg: PreprocessConfig, layout: RunLayout,
             files[layout.stage_rel("preprocess", layout.shard(split, shard["name"]))] = shard["sha256"]
             splits[split].append(shard)
     files.update(layout.file_hashes("preprocess", layout.tokenizer))
-    vocab_size = len(load_tokenizer(layout.tokenizer))
+    if vocab_size is None:
+        vocab_size = len(load_tokenizer(layout.tokenizer))
     record = PreprocessOutput(
         splits={split: {"shards": shards, "rows": sum(s["rows"] for s in shards)} for split, shards in splits.items()},
         tokenizer=layout.rel(layout.tokenizer),

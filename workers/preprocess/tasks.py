@@ -12,12 +12,17 @@ from pipelines.data.config import PreprocessConfig
 from pipelines.data.documents import RawDocument, SkipCounter
 from pipelines.data.shard import SPLITS, process_shard
 from pipelines.data.sources import ReadUnit, iter_documents
-from pipelines.data.tokenizer import load_tokenizer
+from pipelines.data.tokenizer import EncoderSpec
 from pipelines.atomic import file_sha256, write_json_atomic, write_parquet_atomic
 from workers.log_files import OutputRedirect
 from workers.run_layout import RunLayout
 
 logger = logging.getLogger("pofa.preprocess")
+
+# One tokenizer thread per processor: the processors are the parallelism. Set by the processor itself, not
+# by a runtime_env: an actor with its own env_vars cannot use an idle worker process Ray has started
+# already and waits for a new one to boot (seconds of a shared CPU). The process ends with the actor.
+_PROCESSOR_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def shard_id(unit: int, chunk: int) -> str:
@@ -68,17 +73,23 @@ class ShardProcessor:
     store each shard's files are stored as soon as they are written, its completion record last.
     """
 
-    def __init__(self, cfg_json: str, seed: int, layout: RunLayout, log_dir: Optional[str] = None):
+    def __init__(self, cfg_json: str, seed: int, layout: RunLayout, encoder: Optional[EncoderSpec] = None,
+                 log_dir: Optional[str] = None):
         # the actor lives for this stage only: its output goes to the stage's log folder until it ends
         if log_dir:
             OutputRedirect().switch(os.path.join(log_dir, f"processor-{os.getpid()}.log"))
+        os.environ.update(_PROCESSOR_ENV)  # read by `tokenizers` when it first encodes
         self.cfg = PreprocessConfig.model_validate_json(cfg_json)
         self.seed = seed
         self.layout = layout
-        layout.pull(layout.tokenizer)  # trained on any node: this node's copy gets it
-        self.tokenizer = load_tokenizer(layout.tokenizer)
-        # Sentences are tokenized whole and cut to length later: silence the model-length warning.
-        self.tokenizer.model_max_length = 1 << 30
+        if encoder is None:  # the run directory's tokenizer, trained on any node: this node's copy gets it
+            from pipelines.data.tokenizer import load_tokenizer
+
+            layout.pull(layout.tokenizer)
+            encoder = EncoderSpec.of(load_tokenizer(layout.tokenizer))
+        # The driver sends its tokenizer whole: a worker imports no `transformers` (and with it torch), which
+        # takes seconds of a CPU it shares, and fetches nothing before it starts.
+        self.tokenizer = encoder.load()
 
     def _finished(self, record_path: str) -> dict | None:
         """The completion record of a shard whose files are all there with their recorded hashes; a
