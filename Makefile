@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench-preprocess bench-sparsity bench-train bench-data clean
+.PHONY: install demo test test-fast bench-preprocess bench-sparsity bench-train bench-data bench-kd bench-fidelity clean
 
 install: $(STAMP)
 
@@ -47,6 +47,14 @@ bench-train: install
 
 bench-data: install
 	$(PY) tests/bench/bench_data.py
+
+bench-kd: install
+	$(PY) tests/bench/bench_kd.py
+
+# Prune OFA against one-shot pruning, no KD and the dense ceiling on a small BERT it pretrains
+# (<= 40 min on 2 cores; BENCH_ARGS=--quick checks the plumbing in minutes).
+bench-fidelity: install
+	$(PY) tests/bench/bench_fidelity.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -83,6 +83,21 @@ def test_validation_is_the_same_samples_on_any_worker_count(layout) -> None:
     assert samples(1) == samples(3) and len(samples(1)) == 30
 
 
+def test_runs_with_other_seeds_are_validated_on_the_same_masks(layout) -> None:
+    """The teacher and students of other seeds read the same data: their val/* metrics compare only when
+    the validation samples carry the same masked tokens, while their training masks differ."""
+    def inputs(seed: int) -> PretrainingInputs:
+        return PretrainingInputs(layout, seed=seed, rank=0, world=1, global_batch=GLOBAL, micro_batch=8,
+                                 eval_samples=24)
+
+    first, second = inputs(1), inputs(2)
+    val = [[s for batch, real in i.validation.batches() if real for s in _samples(batch)] for i in (first, second)]
+    assert val[0] == val[1] and len(val[0]) == 24
+    assert any(lbl != IGNORE_INDEX for _, labels in val[0] for lbl in labels)  # dynamic masks were drawn
+    train = [[s for b in i.train.step_batches(GlobalCursor()) for s in _samples(b)] for i in (first, second)]
+    assert train[0] != train[1]
+
+
 def test_the_loss_of_a_global_batch_does_not_depend_on_how_it_is_split(layout) -> None:
     inputs = _rank_inputs(layout, 1, GLOBAL)[0]
     model = build_pretraining_model(ModelConfig(init=BertInit(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -16,7 +16,7 @@ from pipelines.data.collator import CollatorSettings
 from pipelines.data.masking import MaskingContract
 from workers.run_layout import RunLayout
 from workers.stage_outputs import PreprocessOutput, read_output
-from workers.train.streaming import StreamingBatches, ValidationBatches
+from workers.train.streaming import VALIDATION_SEED, StreamingBatches, ValidationBatches
 
 
 def saved_vocab(folder: str) -> Any:
@@ -96,5 +96,5 @@ class PretrainingInputs:
         self.tokenizer = load_tokenizer(layout.path(self.record.tokenizer))
         self.settings = collator_settings(self.tokenizer, self.record.masking)
         self.train = StreamingBatches(layout, self.record, self.settings, seed, rank, world, global_batch, micro_batch)
-        self.validation = ValidationBatches(layout, self.record, self.settings, seed, rank, world, eval_samples,
-                                            micro_batch)
+        self.validation = ValidationBatches(layout, self.record, self.settings, VALIDATION_SEED, rank, world,
+                                            eval_samples, micro_batch)

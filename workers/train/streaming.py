@@ -32,6 +32,9 @@ from workers.run_layout import RunLayout
 from workers.stage_outputs import PreprocessOutput
 
 VALIDATION_STREAM = 1 << 30  # the key stream of validation samples: apart from every epoch's
+# Validation masks (dynamic masking) do not depend on the run's seed: the teacher and every student
+# trained on the same data are scored on the same masked tokens, so their val/* metrics compare.
+VALIDATION_SEED = 0
 _DYNAMIC_COLUMNS = ["input_ids", "token_type_ids", "next_sentence_label"]
 _STATIC_COLUMNS = _DYNAMIC_COLUMNS + ["masked_lm_positions", "masked_lm_ids"]
 
