@@ -69,6 +69,7 @@ class TrackingSession:
         # calls that need the store while it does not answer: made in order once it does
         self._lock = threading.RLock()
         self._waiting: list[Callable[[], Any]] | None = None
+        self._delivered = 0  # kept calls the store took once it answered again
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -241,11 +242,28 @@ class TrackingSession:
             self._registry.save(self.layout.tracking_registry)
 
         self._boundary(finish)
-        with self._lock:
-            left = len(self._waiting) if self._waiting is not None else 0
+        left = self._let_kept_calls_through()
         if left:
             logger.warning("pofa: MLflow at %s never answered during this run: %d call(s) and their records "
                            "were not delivered; each stage's metrics.jsonl holds its metrics", shown(self.uri), left)
+
+    def _let_kept_calls_through(self) -> int:
+        """At the end of the run, the process exits next: while the store is back and taking the kept
+        calls, wait for them (the reconnect thread delivers them in order); returns how many are left.
+        A store that never answered again costs no wait."""
+        patience = 2 * self.config.retry_max_s + self.config.connect_timeout_s
+        seen, progress_at = -1, time.monotonic()
+        while True:
+            with self._lock:
+                left = len(self._waiting) if self._waiting is not None else 0
+                delivered = self._delivered
+            if not left or (not delivered and self._entry is None):  # never answered since it went down
+                return left
+            if delivered != seen:
+                seen, progress_at = delivered, time.monotonic()
+            elif time.monotonic() - progress_at > patience:
+                return left
+            time.sleep(0.05)
 
     # -- logging ----------------------------------------------------------------------------------
     def tracker(self, key: str | None = None) -> Tracker:
@@ -413,6 +431,7 @@ class TrackingSession:
                 logger.warning("pofa: a kept MLflow call failed and is dropped: %s", exc)
             with self._lock:
                 self._waiting.pop(0)
+                self._delivered += 1
             delay = self.config.retry_initial_s
 
     def _run_id_of(self, key: str | None) -> str:
