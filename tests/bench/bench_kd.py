@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -122,21 +122,20 @@ class Steps:
         out = self.student(**self.inputs)
         self._done(pretraining_loss(out, self.batch)[0])
 
-    def kd_old(self) -> None:
+    def _kd(self, loss_fn: Callable[..., Any]) -> None:
+        """The student stage's step with `loss_fn` as its MLM+NSP distillation loss."""
         t_out = teacher_logits(self.teacher, self.inputs)
         out = self.student(**self.inputs)
         b = self.batch
-        loss = reference_mlm_nsp_loss(mlm_logits(out), nsp_logits(out), mlm_logits(t_out), nsp_logits(t_out),
-                                      b["labels"], b["next_sentence_label"], self.kd_cfg, b["attention_mask"])
+        loss = loss_fn(mlm_logits(out), nsp_logits(out), mlm_logits(t_out), nsp_logits(t_out),
+                       b["labels"], b["next_sentence_label"], self.kd_cfg, b["attention_mask"])
         self._done(loss.total)
 
+    def kd_old(self) -> None:
+        self._kd(reference_mlm_nsp_loss)
+
     def kd_new(self) -> None:
-        t_out = teacher_logits(self.teacher, self.inputs)
-        out = self.student(**self.inputs)
-        b = self.batch
-        loss = mlm_nsp_loss(mlm_logits(out), nsp_logits(out), mlm_logits(t_out), nsp_logits(t_out),
-                            b["labels"], b["next_sentence_label"], self.kd_cfg, b["attention_mask"])
-        self._done(loss.total)
+        self._kd(mlm_nsp_loss)
 
     def teacher_only(self) -> None:
         teacher_logits(self.teacher, self.inputs)
