@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "validate":
             print(dump_recipe(recipe), end="")
             return 0
-        from orchestrator.job_graph import check_redo, run_pipeline, select_stages
+        from orchestrator.job_graph import check_redo, select_stages
 
         stages = select_stages(recipe, args.stages.split(",") if args.stages else None)
         redo = check_redo(args.redo.split(","))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -19,11 +18,11 @@ from workers.tracking import NullTracker, Tracker
 
 from orchestrator.tracking.config import ResolvedStore, TrackingConfig, default_store_uri, resolve_store, shown
 from orchestrator.tracking.connection import (
-    TrackingMisconfigured,
     TrackingUnreachableError,
     apply_request_settings,
     check_reachable,
 )
+from orchestrator.tracking.kept_calls import KeptCalls
 from orchestrator.tracking.models import log_hf_model
 from orchestrator.tracking.params import flatten_params
 from orchestrator.tracking.registry import RunRegistry, StageEntry, StoreEntry
@@ -68,8 +67,7 @@ class TrackingSession:
         self.observer: Callable[[str, int, Mapping[str, float]], None] | None = None
         # calls that need the store while it does not answer: made in order once it does
         self._lock = threading.RLock()
-        self._waiting: list[Callable[[], Any]] | None = None
-        self._delivered = 0  # kept calls the store took once it answered again
+        self._kept = KeptCalls(config, shown(self.uri))
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -242,28 +240,10 @@ class TrackingSession:
             self._registry.save(self.layout.tracking_registry)
 
         self._boundary(finish)
-        left = self._let_kept_calls_through()
+        left = self._kept.settle(answered_before=self._entry is not None)
         if left:
             logger.warning("pofa: MLflow at %s never answered during this run: %d call(s) and their records "
                            "were not delivered; each stage's metrics.jsonl holds its metrics", shown(self.uri), left)
-
-    def _let_kept_calls_through(self) -> int:
-        """At the end of the run, the process exits next: while the store is back and taking the kept
-        calls, wait for them (the reconnect thread delivers them in order); returns how many are left.
-        A store that never answered again costs no wait."""
-        patience = 2 * self.config.retry_max_s + self.config.connect_timeout_s
-        seen, progress_at = -1, time.monotonic()
-        while True:
-            with self._lock:
-                left = len(self._waiting) if self._waiting is not None else 0
-                delivered = self._delivered
-            if not left or (not delivered and self._entry is None):  # never answered since it went down
-                return left
-            if delivered != seen:
-                seen, progress_at = delivered, time.monotonic()
-            elif time.monotonic() - progress_at > patience:
-                return left
-            time.sleep(0.05)
 
     # -- logging ----------------------------------------------------------------------------------
     def tracker(self, key: str | None = None) -> Tracker:
@@ -390,49 +370,8 @@ class TrackingSession:
 
     # -- a store that does not answer -----------------------------------------------------------
     def _boundary(self, call: Callable[[], T]) -> T | None:
-        """A call that needs the store: made now, or, while the store does not answer, kept and made
-        in order once it does (None is returned then). The run never stops for MLflow."""
-        with self._lock:
-            if self._waiting is not None:
-                self._waiting.append(call)
-                return None
-        try:
-            return call()
-        except TrackingMisconfigured:
-            raise
-        except TrackingUnreachableError as exc:
-            with self._lock:
-                first = self._waiting is None
-                self._waiting = (self._waiting or []) + [call]
-            if first:
-                logger.warning("pofa: %s The run goes on: its MLflow records are kept and delivered, in order, "
-                               "when the store answers (retrying with backoff up to %g s).", exc,
-                               self.config.retry_max_s)
-                threading.Thread(target=self._deliver_later, name="pofa-tracking-reconnect", daemon=True).start()
-            return None
-
-    def _deliver_later(self) -> None:
-        delay = self.config.retry_initial_s
-        while True:
-            with self._lock:
-                if not self._waiting:
-                    self._waiting = None
-                    logger.warning("pofa: MLflow at %s answers again; the kept records are being delivered",
-                                   shown(self.uri))
-                    return
-                call = self._waiting[0]
-            try:
-                call()
-            except TrackingUnreachableError:
-                time.sleep(delay)
-                delay = min(delay * 2, self.config.retry_max_s)
-                continue
-            except Exception as exc:  # noqa: BLE001 - one call the store refuses must not block the rest
-                logger.warning("pofa: a kept MLflow call failed and is dropped: %s", exc)
-            with self._lock:
-                self._waiting.pop(0)
-                self._delivered += 1
-            delay = self.config.retry_initial_s
+        """A call that needs the store: made now, or kept and made in order once the store answers."""
+        return self._kept.call(call)
 
     def _run_id_of(self, key: str | None) -> str:
         entry = self._require_entry()

@@ -14,7 +14,7 @@ from pipelines.data.shard import SPLITS, process_shard
 from pipelines.data.sources import ReadUnit, iter_documents
 from pipelines.data.tokenizer import EncoderSpec
 from pipelines.atomic import file_sha256, write_json_atomic, write_parquet_atomic
-from workers.log_files import OutputRedirect
+from workers.log_files import OutputRedirect, worker_log
 from workers.run_layout import RunLayout
 
 logger = logging.getLogger("pofa.preprocess")
@@ -77,7 +77,7 @@ class ShardProcessor:
                  log_dir: Optional[str] = None):
         # the actor lives for this stage only: its output goes to the stage's log folder until it ends
         if log_dir:
-            OutputRedirect().switch(os.path.join(log_dir, f"processor-{os.getpid()}.log"))
+            OutputRedirect().switch(worker_log(log_dir, f"processor-{os.getpid()}"))
         os.environ.update(_PROCESSOR_ENV)  # read by `tokenizers` when it first encodes
         self.cfg = PreprocessConfig.model_validate_json(cfg_json)
         self.seed = seed
