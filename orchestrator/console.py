@@ -18,10 +18,15 @@ from workers.console_lines import install
 REDRAW_S = 0.25  # a terminal's live line is redrawn at most this often
 
 
+# (stage, done, total, metrics, ETA in s) -> the live line's text
+Render = Callable[[str, int, int, Mapping[str, float], Optional[float]], str]
+
+
 @dataclass
 class _Live:
     total: int
     began: float
+    render: Render
     first_step: Optional[int] = None
     shown_tenth: int = -1
     text: str = ""
@@ -54,10 +59,19 @@ class Console:
             print(line, flush=True)
 
     # -- a stage's live line ------------------------------------------------------------------
-    def begin(self, stage: str, total: int) -> None:
-        """`stage` reports progress towards `total` (steps) from now on."""
+    def begin(self, stage: str, total: int, render: Optional[Render] = None) -> None:
+        """`stage` reports progress towards `total` (steps, unless `render` says otherwise) from now on."""
         with self._lock:
-            self._live[stage] = _Live(total=max(int(total), 1), began=self._clock())
+            self._live[stage] = _Live(total=max(int(total), 1), began=self._clock(), render=render or progress_line)
+
+    def report(self, stage: str, done: int, total: int, metrics: Mapping[str, float],
+               render: Optional[Render] = None) -> None:
+        """Progress of a stage that learns its total as it goes (the preprocess stage's source bytes)."""
+        with self._lock:
+            live = self._live.get(stage)
+            if live is None or live.total != max(int(total), 1):
+                self.begin(stage, total, render)
+            self.progress(stage, done, metrics)
 
     def progress(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
         with self._lock:
@@ -68,7 +82,7 @@ class Console:
             if live.first_step is None:
                 live.first_step, live.began = step, now
             live.last.update(metrics)
-            live.text = progress_line(stage, step, live.total, {**live.last, **metrics}, _eta(live, step, now))
+            live.text = live.render(stage, step, live.total, {**live.last, **metrics}, _eta(live, step, now))
             if self.tty:
                 if now - live.drawn >= REDRAW_S or step >= live.total:
                     live.drawn = now
@@ -130,6 +144,10 @@ class _CallableConsole(Console):
     def progress(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
         return None
 
+    def report(self, stage: str, done: int, total: int, metrics: Mapping[str, float],
+               render: Optional[Render] = None) -> None:
+        return None
+
 
 def progress_line(stage: str, step: int, total: int, metrics: Mapping[str, float], eta_s: Optional[float]) -> str:
     parts = [f"[{stage}] step {step}/{total} ({100 * step // max(total, 1)}%)"]
@@ -138,11 +156,46 @@ def progress_line(stage: str, step: int, total: int, metrics: Mapping[str, float
     if "sparsity/global" in metrics and stage != "teacher":
         parts.append(f"sparsity {metrics['sparsity/global']:.3f}")
     rate = metrics.get("throughput/samples_per_s")
+    return _with_rate_and_eta(parts, f"{rate:.0f} samples/s" if rate else None, eta_s)
+
+
+def source_progress_line(stage: str, done: int, total: int, metrics: Mapping[str, float],
+                         eta_s: Optional[float]) -> str:
+    """The preprocess stage: how much of the source its finished shards cover, and their output so far."""
+    if not metrics.get("by_bytes", 1.0):  # a hub dataset: its shards, not bytes
+        parts = [f"[{stage}] {done}/{total} dataset shards read ({100 * done // max(total, 1)}%)"]
+    else:
+        parts = [f"[{stage}] {_size(done)}/{_size(total)} of source read ({100 * done // max(total, 1)}%)"]
+    if "shards" in metrics:
+        parts.append(f"{int(metrics['shards'])} shards")
+    if "tokens" in metrics:
+        parts.append(f"{_count(metrics['tokens'])} tokens")
+    rate = metrics.get("throughput/tokens_per_s")
+    return _with_rate_and_eta(parts, f"{_count(rate)} tokens/s" if rate else None, eta_s)
+
+
+def _with_rate_and_eta(parts: list[str], rate: Optional[str], eta_s: Optional[float]) -> str:
     if rate:
-        parts.append(f"{rate:.0f} samples/s")
+        parts.append(rate)
     if eta_s is not None:
         parts.append(f"ETA {format_duration(eta_s)}")
     return "  ".join(parts)
+
+
+def _scaled(n: float, units: tuple[str, str, str], sep: str = "") -> str:
+    """1.2 GB, 3.4M: `units` name thousands^3, ^2 and ^1."""
+    for unit, scale in zip(units, (1e9, 1e6, 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{sep}{unit}"
+    return f"{int(n)}"
+
+
+def _size(n: float) -> str:
+    return _scaled(n, ("GB", "MB", "kB"), " ") if n >= 1e3 else f"{int(n)} B"
+
+
+def _count(n: float) -> str:
+    return _scaled(n, ("B", "M", "k"))
 
 
 def _eta(live: _Live, step: int, now: float) -> Optional[float]:

@@ -97,6 +97,7 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             else:
                 console(f"[{name}] {'resuming' if resumed else 'running'} ({plan.reason})")
             ctx.log_dir = logs.stage(name)
+            ctx.console = console
             if not connected and getattr(stage, "needs_ray", True):
                 from orchestrator.ray_runtime import connect
 

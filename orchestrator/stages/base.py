@@ -19,6 +19,7 @@ class StageContext:
     tracker: Tracker = NullTracker()  # the stage's MLflow run, for loops that log as they go
     tracking: Optional[Any] = None  # the pipeline's TrackingSession, for stages with nested sub-runs
     log_dir: Optional[str] = None  # this attempt's `<run>/logs/<stage>/attempt-<n>/`: the workers' log files go here
+    console: Optional[Any] = None  # the run's orchestrator.console.Console, for a stage that draws its own live line
 
     @property
     def layout(self) -> RunLayout:

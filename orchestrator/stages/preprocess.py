@@ -1,6 +1,7 @@
 """Stage 1: English Wikipedia (or any text source) -> sharded BERT pretraining data, on Ray Data."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -39,7 +40,13 @@ class PreprocessStage:
         return {"source": source_identity(ctx.recipe.preprocess.source)}
 
     def run(self, ctx: StageContext) -> StageResult:
+        from orchestrator.console import source_progress_line
         from workers.preprocess.job import run_preprocess
 
-        stats, outputs, record = run_preprocess(ctx.recipe.preprocess, ctx.recipe.seed, ctx.layout, ctx.log_dir)
+        # the live line: how much of the source the finished shards cover (its total is known once the
+        # read units are listed)
+        progress = (functools.partial(ctx.console.report, self.name, render=source_progress_line)
+                    if ctx.console is not None else None)
+        stats, outputs, record = run_preprocess(ctx.recipe.preprocess, ctx.recipe.seed, ctx.layout, ctx.log_dir,
+                                                on_progress=progress)
         return StageResult(stats, outputs, record)

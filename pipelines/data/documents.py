@@ -22,5 +22,13 @@ class SkipCounter(Counter):
         self[reason] += n
 
 
+class ReadPosition:
+    """How far a reader is through its read unit, from 0 to 1: the raw (compressed) bytes read of a file,
+    the rows of a Parquet file. For progress and ETAs only; never decides an output byte."""
+
+    def __init__(self) -> None:
+        self.fraction = 0.0
+
+
 class SourceError(RuntimeError):
     """A source that cannot be read on: names the file and the position."""

@@ -13,10 +13,10 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from pipelines.data.config import SourceConfig
-from pipelines.data.documents import RawDocument, SkipCounter, SourceError
+from pipelines.data.documents import RawDocument, ReadPosition, SkipCounter, SourceError
 from pipelines.data.paths import resolve_source_path
 
 
@@ -32,10 +32,24 @@ def read_units(cfg: SourceConfig) -> list[ReadUnit]:
     return [ReadUnit(i, f) for i, f in enumerate(cfg.files())]
 
 
-def iter_documents(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter) -> Iterator[RawDocument]:
+def unit_size(cfg: SourceConfig, unit: ReadUnit) -> int:
+    """What a unit weighs in the stage's progress: its file's bytes; a dataset shard counts as 1."""
+    if cfg.kind == "hf_dataset":
+        return 1
+    try:
+        return max(1, os.path.getsize(unit.location))
+    except OSError:
+        return 1
+
+
+def iter_documents(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter,
+                   position: ReadPosition | None = None) -> Iterator[RawDocument]:
+    """The unit's documents in order; `position`, when given, follows how far the reader is."""
     readers = {"wikipedia_xml": _iter_wikipedia_xml, "jsonl": _iter_jsonl, "parquet": _iter_parquet,
                "text": _iter_text, "hf_dataset": _iter_hf}
-    yield from readers[cfg.kind](cfg, unit, skipped)
+    yield from readers[cfg.kind](cfg, unit, skipped, position or ReadPosition())
+    if position is not None:
+        position.fraction = 1.0
 
 
 class _Tell(io.RawIOBase):
@@ -65,13 +79,25 @@ def _open(path: str) -> tuple[IO[bytes], IO[bytes]]:
     return raw, raw
 
 
+def _follow(raw: IO[bytes], position: ReadPosition) -> Callable[[], None]:
+    """Updates `position` from the raw file's offset (buffered ahead by the decompressor: close enough)."""
+    size = os.fstat(raw.fileno()).st_size
+
+    def update() -> None:
+        if size:
+            position.fraction = min(1.0, raw.tell() / size)
+    return update
+
+
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def _iter_wikipedia_xml(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter) -> Iterator[RawDocument]:
+def _iter_wikipedia_xml(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter,
+             position: ReadPosition) -> Iterator[RawDocument]:
     path = unit.location
     raw, stream = _open(path)
+    update = _follow(raw, position)
     pages = 0
     try:
         context = ET.iterparse(stream, events=("start", "end"))
@@ -92,6 +118,7 @@ def _iter_wikipedia_xml(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter)
                 elif "redirect" in page or page.get("text", "").lstrip().lower().startswith("#redirect"):
                     skipped.skip("redirect")
                 else:
+                    update()
                     yield RawDocument(page.get("id") or f"{os.path.basename(path)}:{pages}", page.get("title", ""),
                                       page.get("text", ""), "wikitext")
                 page = {}
@@ -103,8 +130,10 @@ def _iter_wikipedia_xml(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter)
         raw.close()
 
 
-def _iter_jsonl(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter) -> Iterator[RawDocument]:
+def _iter_jsonl(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter,
+             position: ReadPosition) -> Iterator[RawDocument]:
     raw, stream = _open(unit.location)
+    update = _follow(raw, position)
     name = os.path.basename(unit.location)
     try:
         for lineno, line in enumerate(stream, 1):
@@ -120,6 +149,7 @@ def _iter_jsonl(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter) -> Iter
                 continue
             doc = _from_record(cfg, record, f"{name}:{lineno}", skipped)
             if doc is not None:
+                update()
                 yield doc
     finally:
         raw.close()
@@ -135,24 +165,29 @@ def _from_record(cfg: SourceConfig, record: object, fallback_id: str, skipped: S
                        "plain")
 
 
-def _iter_parquet(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter) -> Iterator[RawDocument]:
+def _iter_parquet(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter,
+             position: ReadPosition) -> Iterator[RawDocument]:
     import pyarrow.parquet as pq
 
     name = os.path.basename(unit.location)
     pf = pq.ParquetFile(unit.location)
+    rows = max(1, pf.metadata.num_rows)
     row = 0
     for batch in pf.iter_batches(batch_size=512):  # one record batch in memory at a time
         for record in batch.to_pylist():
             row += 1
             doc = _from_record(cfg, record, f"{name}:{row}", skipped)
             if doc is not None:
+                position.fraction = row / rows
                 yield doc
 
 
-def _iter_text(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter) -> Iterator[RawDocument]:
+def _iter_text(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter,
+             position: ReadPosition) -> Iterator[RawDocument]:
     """One document per blank-line separated block; with `sentence_per_line` (the default) each of its lines
     is one sentence, so the block's lines travel newline-joined under markup "lines"."""
     raw, stream = _open(unit.location)
+    update = _follow(raw, position)
     name = os.path.basename(unit.location)
     markup = "lines" if cfg.splits_lines else "plain"
     block: list[bytes] = []
@@ -166,6 +201,7 @@ def _iter_text(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter) -> Itera
         except UnicodeDecodeError:
             skipped.skip("undecodable")
             return
+        update()
         yield RawDocument(f"{name}:{count}", "", text, markup)
 
     try:
@@ -195,7 +231,8 @@ def _hf_dataset(cfg: SourceConfig):
     return ds
 
 
-def _iter_hf(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter) -> Iterator[RawDocument]:
+def _iter_hf(cfg: SourceConfig, unit: ReadUnit, skipped: SkipCounter,
+             position: ReadPosition) -> Iterator[RawDocument]:
     ds = _hf_dataset(cfg)
     shard = ds.shard(num_shards=ds.num_shards, index=int(unit.location))
     for row, record in enumerate(shard):

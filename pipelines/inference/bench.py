@@ -1,12 +1,23 @@
-"""Time an ONNX Runtime session: per batch size, one warm-up run, then runs for at least
-`min_seconds` (and at least 3); the median time per batch gives latency and throughput."""
+"""Time ONNX Runtime sessions: per batch size, one warm-up run each, then alternating rounds (a model
+and the dense model it is compared with take turns, so a change of the machine's load during the
+measurement falls on both alike); the median time per batch gives latency and throughput."""
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+
+ROUNDS = 5  # turns per session and batch size; each turn runs at least once
+
+
+@dataclass(frozen=True)
+class TimedSession:
+    sess: Any  # an onnxruntime.InferenceSession
+    input_names: Sequence[str]
+    vocab: int
 
 
 def feeds(input_names: Sequence[str], batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -17,20 +28,27 @@ def feeds(input_names: Sequence[str], batch: int, seq_len: int, vocab: int, seed
     return {n: parts[n] for n in input_names}
 
 
-def time_session(sess: Any, input_names: Sequence[str], batch_sizes: Sequence[int], seq_len: int, vocab: int,
-                 min_seconds: float, min_runs: int = 3) -> dict[int, dict[str, float]]:
-    """batch size -> {ms (median per batch), ms_p90, runs, seq_per_s}."""
-    out: dict[int, dict[str, float]] = {}
+def time_sessions(sessions: Sequence[TimedSession], batch_sizes: Sequence[int], seq_len: int, min_seconds: float,
+                  min_runs: int = 3, rounds: int = ROUNDS) -> list[dict[int, dict[str, float]]]:
+    """For each session: batch size -> {ms (median per batch), ms_p90, runs, seq_per_s}. Each session is
+    timed for about `min_seconds` per batch size in all, in `rounds` turns (at least `min_runs` runs)."""
+    rounds = max(rounds, min_runs)
+    out: list[dict[int, dict[str, float]]] = [{} for _ in sessions]
     for batch in batch_sizes:
-        feed = feeds(input_names, batch, seq_len, vocab)
-        sess.run(None, feed)  # warm-up: allocations, kernel choice
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-            t = time.perf_counter()
-            sess.run(None, feed)
-            times.append(time.perf_counter() - t)
-        ms = statistics.median(times) * 1000
-        out[batch] = {"ms": round(ms, 4), "ms_p90": round(float(np.percentile(times, 90)) * 1000, 4),
-                      "runs": len(times), "seq_per_s": round(batch * 1000 / ms, 2)}
+        inputs = [feeds(s.input_names, batch, seq_len, s.vocab) for s in sessions]
+        for s, feed in zip(sessions, inputs):
+            s.sess.run(None, feed)  # warm-up: allocations, kernel choice
+        times: list[list[float]] = [[] for _ in sessions]
+        for r in range(rounds):
+            order = list(range(len(sessions)))
+            for i in (order if r % 2 == 0 else order[::-1]):  # neither always first nor always last
+                start = time.perf_counter()
+                while len(times[i]) <= r or time.perf_counter() - start < min_seconds / rounds:
+                    t = time.perf_counter()
+                    sessions[i].sess.run(None, inputs[i])
+                    times[i].append(time.perf_counter() - t)
+        for i, ts in enumerate(times):
+            ms = statistics.median(ts) * 1000
+            out[i][batch] = {"ms": round(ms, 4), "ms_p90": round(float(np.percentile(ts, 90)) * 1000, 4),
+                             "runs": len(ts), "seq_per_s": round(batch * 1000 / ms, 2)}
     return out

@@ -1,5 +1,5 @@
-"""One row per exported model: sizes, then an ONNX graph timed in ONNX Runtime, then the ratio to
-the dense model it is compared with. A row that cannot be measured (runtime not installed, a model
+"""One row per exported model: sizes, then an ONNX graph timed in ONNX Runtime in turns with the dense
+model it is compared with, and the ratio to it. A row that cannot be measured (runtime not installed, a model
 that does not convert, a missing file) says why in its `error` and the others go on."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from pipelines.inference.bench import time_session
+from pipelines.inference.bench import TimedSession, time_sessions
 from pipelines.inference.config import InferenceConfig
 from pipelines.inference.cpu_kernels import machine_kernels
 from pipelines.inference.export_onnx import (ConversionError, InferenceModel, load_for_inference, max_abs_diff,
@@ -79,59 +79,121 @@ def _int8_state(entry: ModelEntry) -> tuple[dict[str, torch.Tensor], list[str]]:
     return load_int8(entry.folder, INT8_DIR), names
 
 
-def measure_module(model: InferenceModel, cfg: InferenceConfig, work: str, templates: dict[str, Any], name: str = "",
-                   int8_weights: Sequence[str] = ()) -> dict[str, Any]:
-    """Convert, check and time one model; ConversionError when it cannot be converted."""
+def convert_module(model: InferenceModel, cfg: InferenceConfig, work: str, templates: dict[str, Any], name: str = "",
+                   int8_weights: Sequence[str] = ()) -> tuple[dict[str, Any], TimedGraph]:
+    """Convert and check one model (ConversionError when it cannot be converted): the row's fields and
+    the graph to time."""
     graph = to_onnx(model, cfg.seq_len, os.path.join(work, "model.onnx"), templates, name)
     path, how, diff = graph.path, graph.how, graph.max_abs_diff
     if int8_weights:
         path = quantize_int8(graph.path, os.path.join(work, "model.int8.onnx"), list(int8_weights))
         how, diff = how + ", then ONNX Runtime dynamic int8", max_abs_diff(path, model, cfg.seq_len)
     vocab = int(getattr(model.model.config, "vocab_size", 2) or 2)
-    timings = time_session(session(path), model.input_names, cfg.batch_sizes, cfg.seq_len, vocab, cfg.min_seconds)
+    return {"graph": model.graph, "onnx": how, "max_abs_diff": diff}, TimedGraph(path, tuple(model.input_names), vocab)
+
+
+@dataclass(frozen=True)
+class TimedGraph:
+    path: str
+    input_names: tuple[str, ...]
+    vocab: int
+
+    def open(self) -> TimedSession:
+        return TimedSession(session(self.path), self.input_names, self.vocab)
+
+
+def timing_fields(timings: dict[int, dict[str, float]]) -> dict[str, Any]:
     lat, tput = timings[min(timings)], timings[max(timings)]
-    return {"graph": model.graph, "onnx": how, "max_abs_diff": diff, "timings": {str(b): t for b, t in timings.items()},
-            "latency_ms": lat["ms"], "throughput_seq_s": tput["seq_per_s"]}
+    return {"timings": {str(b): t for b, t in timings.items()}, "latency_ms": lat["ms"],
+            "throughput_seq_s": tput["seq_per_s"]}
 
 
-def measure_model(entry: ModelEntry, cfg: InferenceConfig, templates: dict[str, Any],
-                  missing: Optional[str] = None) -> dict[str, Any]:
+def measure_module(model: InferenceModel, cfg: InferenceConfig, work: str, templates: dict[str, Any], name: str = "",
+                   int8_weights: Sequence[str] = ()) -> dict[str, Any]:
+    """Convert, check and time one model on its own."""
+    row, graph = convert_module(model, cfg, work, templates, name, int8_weights)
+    (timings,) = time_sessions([graph.open()], cfg.batch_sizes, cfg.seq_len, cfg.min_seconds)
+    return {**row, **timing_fields(timings)}
+
+
+def prepare_model(entry: ModelEntry, cfg: InferenceConfig, templates: dict[str, Any], work: str,
+                  missing: Optional[str] = None) -> tuple[dict[str, Any], Optional[TimedGraph]]:
+    """The row's sizes and conversion, and its graph (None when the row cannot be timed: `error` says why)."""
     row: dict[str, Any] = {"name": entry.name, "folder": entry.folder, "reference": entry.reference,
                            "int8": entry.int8, "error": None}
-    work = tempfile.mkdtemp(prefix="pofa-inference-")
     try:
-        try:
-            row.update(sizes(entry, work))
-        except Exception as exc:  # a missing or unreadable weights file: say so, measure the rest
-            row["error"] = f"sizes: {summary(exc)}"
-            return row
-        if missing:
-            row["error"] = missing
-            return row
-        try:
-            if entry.int8:
-                state, names = _int8_state(entry)
-                model = load_for_inference(entry.folder, state)
-            else:
-                model, names = load_for_inference(entry.folder), []
-            row.update(measure_module(model, cfg, work, templates, entry.name, names))
-        except ConversionError as exc:
-            row["error"] = f"cannot convert: {exc}"
-        except Exception as exc:  # the report never fails the run for one model
-            row["error"] = summary(exc)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return row
+        row.update(sizes(entry, work))
+    except Exception as exc:  # a missing or unreadable weights file: say so, measure the rest
+        row["error"] = f"sizes: {summary(exc)}"
+        return row, None
+    if missing:
+        row["error"] = missing
+        return row, None
+    try:
+        if entry.int8:
+            state, names = _int8_state(entry)
+            model = load_for_inference(entry.folder, state)
+        else:
+            model, names = load_for_inference(entry.folder), []
+        fields, graph = convert_module(model, cfg, work, templates, entry.name, names)
+        row.update(fields)
+        return row, graph
+    except ConversionError as exc:
+        row["error"] = f"cannot convert: {exc}"
+    except Exception as exc:  # the report never fails the run for one model
+        row["error"] = summary(exc)
+    return row, None
 
 
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Speed-up over the dense reference (> 1: faster): its latency ÷ this latency, this throughput ÷ its."""
+def time_rows(rows: list[dict[str, Any]], graphs: dict[str, TimedGraph], cfg: InferenceConfig) -> None:
+    """Time every converted row. A row with a dense reference is timed in turns with it, and its speed-ups
+    come from that shared measurement; a reference with no such row, and a row without one, alone. At
+    most two sessions are open at once (model-card sizes: a BERT-Large graph is 1.3 GB)."""
     by_name = {r["name"]: r for r in rows}
+
+    def fail(row: dict[str, Any], exc: Exception) -> None:
+        row["error"] = f"timing: {summary(exc)}"
+        graphs.pop(row["name"], None)
+
     for row in rows:
-        ref = by_name.get(row["reference"] or row["name"])
-        ok = ref is not None and ref.get("latency_ms") and row.get("latency_ms")
-        row["latency_speedup"] = round(ref["latency_ms"] / row["latency_ms"], 3) if ok else None
-        row["throughput_speedup"] = round(row["throughput_seq_s"] / ref["throughput_seq_s"], 3) if ok else None
+        row["latency_speedup"] = row["throughput_speedup"] = None
+    for ref_name in dict.fromkeys(r["reference"] for r in rows if r["reference"]):
+        pairs = [r for r in rows if r["reference"] == ref_name and r["name"] in graphs]
+        ref = by_name.get(ref_name)
+        if ref is None or ref_name not in graphs or not pairs:
+            continue
+        try:
+            ref_session = graphs[ref_name].open()
+        except Exception as exc:
+            fail(ref, exc)
+            continue
+        for row in pairs:
+            try:
+                ref_t, row_t = time_sessions([ref_session, graphs[row["name"]].open()], cfg.batch_sizes,
+                                             cfg.seq_len, cfg.min_seconds)
+            except Exception as exc:
+                fail(row, exc)
+                continue
+            row.update(timing_fields(row_t))
+            pair_ref = timing_fields(ref_t)
+            row["timed_with"] = ref_name
+            row["latency_speedup"] = round(pair_ref["latency_ms"] / row["latency_ms"], 3)
+            row["throughput_speedup"] = round(row["throughput_seq_s"] / pair_ref["throughput_seq_s"], 3)
+            if "latency_ms" not in ref:  # the reference's own row: its first shared measurement
+                ref.update(pair_ref)
+                ref["latency_speedup"] = ref["throughput_speedup"] = 1.0
+        del ref_session
+    for row in rows:
+        if "latency_ms" in row or row["name"] not in graphs:
+            continue
+        try:
+            (timings,) = time_sessions([graphs[row["name"]].open()], cfg.batch_sizes, cfg.seq_len, cfg.min_seconds)
+        except Exception as exc:
+            fail(row, exc)
+            continue
+        row.update(timing_fields(timings))
+        if not row["reference"]:  # dense: compared with itself
+            row["latency_speedup"] = row["throughput_speedup"] = 1.0
 
 
 def inference_report(entries: Sequence[ModelEntry], cfg: InferenceConfig) -> dict[str, Any]:
@@ -139,8 +201,19 @@ def inference_report(entries: Sequence[ModelEntry], cfg: InferenceConfig) -> dic
     missing = runtime_missing(cfg.runtime)
     version = None if missing else importlib.import_module(cfg.runtime).__version__
     templates: dict[str, Any] = {}
-    rows = [measure_model(e, cfg, templates, missing) for e in entries]
-    add_ratios(rows)
+    work = tempfile.mkdtemp(prefix="pofa-inference-")
+    try:  # convert everything first, then time: a model and its reference take turns on the machine
+        rows, graphs = [], {}
+        for i, entry in enumerate(entries):
+            folder = os.path.join(work, str(i))
+            os.makedirs(folder)
+            row, graph = prepare_model(entry, cfg, templates, folder, missing)
+            rows.append(row)
+            if graph is not None:
+                graphs[entry.name] = graph
+        time_rows(rows, graphs, cfg)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return {"runtime": cfg.runtime, "runtime_version": version, "provider": "CPUExecutionProvider",
             "torch_threads": torch.get_num_threads(), "batch_sizes": cfg.batch_sizes, "seq_len": cfg.seq_len,
             "latency_batch": min(cfg.batch_sizes), "throughput_batch": max(cfg.batch_sizes),

@@ -1,4 +1,5 @@
 """The preprocess stage end to end on a real local Ray instance, over real Wikipedia and a local HF dataset."""
+import io
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
+from orchestrator.console import Console
 from orchestrator.job_graph import run_pipeline
 from orchestrator.recipe.load import load_recipe
 from workers.stage_outputs import PreprocessOutput
@@ -18,18 +20,34 @@ FAST = ["preprocess.source.max_documents=40", "preprocess.documents_per_shard=8"
 STATS_KEYS = {"documents_train", "documents_validation", "documents_skipped", "sentences", "instances_train",
               "instances_validation", "tokens", "short_seq_fraction", "nsp_random_fraction", "masked_token_fraction",
               "max_seq_length", "fingerprint"}
+CONSOLE: dict[str, str] = {}  # what a fixture's run printed
 
 
-def _run(run_dir, overrides=(), lines=None, **kw):
+def _run(run_dir, overrides=(), lines=None, console=None, **kw):
     recipe = load_recipe("tiny", [*FAST, *overrides])
     return run_pipeline(recipe, str(run_dir), stages=["preprocess"],
-                        console=(lines.append if lines is not None else lambda _: None), **kw)
+                        console=console or (lines.append if lines is not None else lambda _: None), **kw)
 
 
 @pytest.fixture(scope="module")
 def two_workers(ray_local, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("w2")
-    return run_dir, _run(run_dir, ["preprocess.num_workers=2"])["preprocess"]
+    out = io.StringIO()  # the console a log file gets (not a terminal)
+    manifest = _run(run_dir, ["preprocess.num_workers=2"], console=Console(out, tty=False))["preprocess"]
+    CONSOLE["two_workers"] = out.getvalue()
+    return run_dir, manifest
+
+
+def test_the_live_line_follows_the_source_read(two_workers):
+    """The stage's live line: the share of the dump's bytes its finished shards cover, growing."""
+    text = CONSOLE["two_workers"]
+    live = [line for line in text.splitlines() if "of source read" in line]
+    assert live, text
+    shares = [int(line.split("(")[1].split("%")[0]) for line in live]
+    assert shares == sorted(shares) and shares[-1] < 100  # the result line, not the live line, says done
+    size = os.path.getsize(load_recipe("tiny", FAST).preprocess.source.files()[0])
+    assert all(line.startswith("[preprocess] ") and f"/{size / 1e6:.1f} MB of source read" in line for line in live)
+    assert "shards" in live[-1] and "tokens/s" in live[-1]
 
 
 def test_outputs_stats_and_layout(two_workers):

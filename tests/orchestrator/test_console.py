@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from orchestrator.console import Console, as_console, format_duration, progress_line
+from orchestrator.console import Console, as_console, format_duration, progress_line, source_progress_line
 from workers.console_lines import say
 
 
@@ -99,3 +99,23 @@ def test_formats() -> None:
     assert format_duration(42.4) == "42s" and format_duration(125) == "2m05s" and format_duration(7322) == "2h02m"
     line = progress_line("student", 150, 300, {"loss": 2.5, "sparsity/global": 0.45}, 90)
     assert line == "[student] step 150/300 (50%)  loss 2.5000  sparsity 0.450  ETA 1m30s"
+
+
+def test_the_preprocess_line_counts_source_bytes_and_begins_with_its_first_report() -> None:
+    """The preprocess stage learns its total (the source's bytes) when it lists its read units; its
+    first report starts the live line, a log file still gets at most one line per tenth."""
+    out, clock = io.StringIO(), Clock()
+    console = Console(out, tty=False, clock=clock)
+    total = 2_400_000_000
+    for shard in range(1, 101):
+        clock.t += 3.0
+        console.report("preprocess", shard * total // 100, total,
+                       {"shards": shard, "tokens": shard * 1.5e6, "throughput/tokens_per_s": 5e5, "by_bytes": 1.0},
+                       render=source_progress_line)
+    lines = out.getvalue().splitlines()
+    assert 1 < len(lines) <= 10
+    assert lines[0] == "[preprocess] 24.0 MB/2.4 GB of source read (1%)  1 shards  1.5M tokens  500.0k tokens/s"
+    assert lines[-1].startswith("[preprocess] 2.2 GB/2.4 GB of source read (90%)  90 shards  135.0M tokens")
+    assert lines[-1].endswith("ETA 30s")  # 10 shards left at 3 s each
+    hub = source_progress_line("preprocess", 3, 64, {"by_bytes": 0.0, "shards": 12}, None)
+    assert hub == "[preprocess] 3/64 dataset shards read (4%)  12 shards"

@@ -120,3 +120,39 @@ def test_a_model_that_cannot_be_converted_gives_a_row_with_the_reason(tmp_path, 
     assert "linalg_eig" in rows["bad"]["error"] and rows["bad"]["latency_speedup"] is None
     assert rows["bad"]["safetensors_bytes"] > 0  # its sizes are still reported
     assert rows["gone"]["error"].startswith("sizes: ") and "model.safetensors" in rows["gone"]["error"]
+
+
+class _Drifting:
+    """A session whose run time grows with the clock: the machine's load rising during a measurement."""
+
+    def __init__(self, name: str, calls: list, t0: float) -> None:
+        self.name, self.calls, self.t0 = name, calls, t0
+
+    def run(self, _outputs, feed) -> None:  # noqa: ANN001
+        import time
+
+        self.calls.append(self.name)
+        time.sleep(0.001 * (1 + 10 * (time.perf_counter() - self.t0)))
+
+
+def test_a_model_and_its_reference_take_turns_so_a_load_change_falls_on_both() -> None:
+    """Timed one after the other, two identical models would differ by the drift (the second slower);
+    in turns, the ratio stays near 1 and both get runs in every round."""
+    import time
+
+    from pipelines.inference.bench import ROUNDS, TimedSession, time_sessions
+
+    calls: list[str] = []
+    t0 = time.perf_counter()
+    a, b = (TimedSession(_Drifting(n, calls, t0), ["input_ids"], 10) for n in ("a", "b"))
+    ta, tb = time_sessions([a, b], [1], 8, min_seconds=0.3)
+    ratio = tb[1]["ms"] / ta[1]["ms"]
+    assert 0.8 < ratio < 1.25, (ta, tb)
+    assert ta[1]["runs"] >= ROUNDS and tb[1]["runs"] >= ROUNDS
+    switches = sum(1 for x, y in zip(calls, calls[1:]) if x != y)
+    assert switches >= ROUNDS  # a, b, then b, a, ...: turns, not one block each
+    calls.clear()
+    t0 = time.perf_counter()
+    (seq_a,) = time_sessions([TimedSession(_Drifting("a", calls, t0), ["input_ids"], 10)], [1], 8, min_seconds=0.3)
+    (seq_b,) = time_sessions([TimedSession(_Drifting("b", calls, t0), ["input_ids"], 10)], [1], 8, min_seconds=0.3)
+    assert seq_b[1]["ms"] / seq_a[1]["ms"] > 1.5  # what timing them apart would have reported

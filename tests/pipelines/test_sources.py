@@ -7,10 +7,10 @@ import pytest
 from pydantic import ValidationError
 
 from pipelines.data.config import PreprocessConfig, SourceConfig
-from pipelines.data.documents import SkipCounter, SourceError
+from pipelines.data.documents import ReadPosition, SkipCounter, SourceError
 from pipelines.data.sentences import split_lines
 from pipelines.data.shard import clean_document
-from pipelines.data.sources import iter_documents, read_units
+from pipelines.data.sources import iter_documents, read_units, unit_size
 from pipelines.data.wikitext import clean_wikitext, is_disambiguation, parse
 
 PAGE = """<page><title>{title}</title><ns>{ns}</ns><id>{id}</id>{redirect}
@@ -125,3 +125,35 @@ def test_lines_document_keeps_its_line_breaks_through_cleaning(tmp_path):
     cleaned = clean_document(docs[0], skipped)
     # Only "\n" ends a line, as in the reader: U+2028 stays inside its sentence.
     assert split_lines(cleaned) == ["First line.", "It rained. We stayed in.", "Last\u2028line."]
+
+
+def _positions(cfg):
+    """The reader's position as each document arrives, then after the last one."""
+    (unit,) = read_units(cfg)
+    position, seen = ReadPosition(), []
+    for _ in iter_documents(cfg, unit, SkipCounter(), position):
+        seen.append(position.fraction)
+    return seen, position.fraction, unit_size(cfg, unit)
+
+
+def test_the_read_position_follows_each_reader_to_the_end(wiki_dump, tmp_path):
+    """Progress of the preprocess stage: how far through its file (compressed bytes) or rows a reader
+    is; it only grows and is 1 once the unit is read."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    seen, end, size = _positions(SourceConfig(kind="wikipedia_xml", path=wiki_dump))
+    assert size == os.path.getsize(wiki_dump) and len(seen) == 106
+    assert seen == sorted(seen) and 0 < seen[0] < 0.5 < seen[-1] <= 1.0 and end == 1.0
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": str(i), "text": "word " * 2000}) + "\n" for i in range(200)))
+    seen, end, _ = _positions(SourceConfig(kind="jsonl", path=str(jsonl)))
+    assert seen == sorted(seen) and seen[0] < 0.2 and seen[99] < 0.8 and end == 1.0
+    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(10)]}), tmp_path / "d.parquet")
+    seen, end, _ = _positions(SourceConfig(kind="parquet", path=str(tmp_path / "d.parquet"), id_column=None))
+    assert seen == [i / 10 for i in range(1, 11)] and end == 1.0
+    (tmp_path / "t.txt").write_text("".join(f"Block {i} line.\n\n" for i in range(3000)))
+    seen, end, _ = _positions(SourceConfig(kind="text", path=str(tmp_path / "t.txt")))
+    assert seen == sorted(seen) and seen[0] < 0.5 and end == 1.0

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import ray
 
 from pipelines.data.config import PreprocessConfig
 from pipelines.data.documents import SkipCounter
 from pipelines.data.shard import clean_document
-from pipelines.data.sources import iter_documents, read_units
+from pipelines.data.sources import ReadUnit, iter_documents, read_units, unit_size
 from pipelines.data.tokenizer import EncoderSpec, load_tokenizer, train_wordpiece
 from pipelines.atomic import atomic_dir
 from pipelines.data.masking import MaskingContract
@@ -65,10 +66,39 @@ def prepare_tokenizer(cfg: PreprocessConfig, layout: RunLayout) -> None:
     layout.push(layout.tokenizer)
 
 
-def run_preprocess(cfg: PreprocessConfig, seed: int, layout: RunLayout,
-                   log_dir: Optional[str] = None) -> tuple[dict[str, Any], dict[str, str], PreprocessOutput]:
+# on_progress(done, total, metrics): the source read so far and its size (bytes; dataset shards count 1)
+Progress = Callable[[int, int, Mapping[str, float]], None]
+
+
+class SourceProgress:
+    """How much of the source the finished shards cover: for each read unit, how far its reader was at
+    the end of the furthest finished shard, weighted by the unit's size."""
+
+    def __init__(self, cfg: PreprocessConfig, units: list[ReadUnit]) -> None:
+        self.sizes = {u.index: unit_size(cfg.source, u) for u in units}
+        self.by_bytes = 0.0 if cfg.source.kind == "hf_dataset" else 1.0
+        self.total = sum(self.sizes.values())
+        self.reached: dict[int, float] = {}
+        self.shards = self.tokens = self.documents = 0
+        self.started = time.monotonic()
+
+    def add(self, record: dict) -> tuple[int, int, dict[str, float]]:
+        unit = int(record["shard_id"].split("-")[0])
+        self.reached[unit] = max(self.reached.get(unit, 0.0), float(record.get("read_fraction", 0.0)))
+        self.shards += 1
+        self.tokens += int(record["stats"]["tokens"])
+        self.documents += sum(record["stats"]["documents"].values())
+        done = sum(self.sizes.get(u, 0) * f for u, f in self.reached.items())
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return int(done), self.total, {"shards": self.shards, "tokens": self.tokens, "documents": self.documents,
+                                       "throughput/tokens_per_s": self.tokens / elapsed, "by_bytes": self.by_bytes}
+
+
+def run_preprocess(cfg: PreprocessConfig, seed: int, layout: RunLayout, log_dir: Optional[str] = None,
+                   on_progress: Optional[Progress] = None) -> tuple[dict[str, Any], dict[str, str], PreprocessOutput]:
     """Run the stage; returns (manifest statistics, output files relative to the stage folder -> sha256,
-    the typed output record the training stages read). `log_dir`: each processor's output goes there."""
+    the typed output record the training stages read). `log_dir`: each processor's output goes there;
+    `on_progress` hears of every finished shard."""
     prepare_tokenizer(cfg, layout)
     tokenizer = load_tokenizer(layout.tokenizer)
     cfg_json = cfg.model_dump_json()
@@ -89,7 +119,13 @@ def run_preprocess(cfg: PreprocessConfig, seed: int, layout: RunLayout,
                         # go to whichever processor is free, not to a queue decided early
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_workers, max_tasks_in_flight_per_actor=2),
                         num_cpus=cfg.cpus_per_worker)
-    records = sorted((json.loads(r["result"]) for r in ds.iter_rows()), key=lambda r: r["shard_id"])
+    progress = SourceProgress(cfg, units)
+    records = []
+    for row in ds.iter_rows():
+        records.append(json.loads(row["result"]))
+        if on_progress is not None:
+            on_progress(*progress.add(records[-1]))
+    records.sort(key=lambda r: r["shard_id"])
     layout.pull(layout.stage_dir("preprocess"))  # shards written on other nodes: into this node's copy too
     return finish_preprocess(cfg, layout, records, vocab_size=len(tokenizer))
 

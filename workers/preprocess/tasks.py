@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import pyarrow as pa
 
 from pipelines.data.config import PreprocessConfig
-from pipelines.data.documents import RawDocument, SkipCounter
+from pipelines.data.documents import RawDocument, ReadPosition, SkipCounter
 from pipelines.data.shard import SPLITS, process_shard
 from pipelines.data.sources import ReadUnit, iter_documents
 from pipelines.data.tokenizer import EncoderSpec
@@ -39,22 +39,25 @@ def read_shards(batch: dict, cfg_json: str) -> Iterator[pa.Table]:
     for unit_index, location in zip(batch["unit"], batch["location"]):
         unit = ReadUnit(int(unit_index), str(location))
         skipped = SkipCounter()
+        position = ReadPosition()
         docs: list[RawDocument] = []
         chunk = 0
         limit = cfg.source.max_documents
-        for n, doc in enumerate(iter_documents(cfg.source, unit, skipped)):
+        for n, doc in enumerate(iter_documents(cfg.source, unit, skipped, position)):
             if limit is not None and n >= limit:
+                position.fraction = 1.0  # the unit ends here for this stage
                 break
             docs.append(doc)
             if len(docs) == cfg.documents_per_shard:
-                yield _shard_row(unit.index, chunk, docs, skipped)
+                yield _shard_row(unit.index, chunk, docs, skipped, position.fraction)
                 docs, chunk = [], chunk + 1
                 skipped.clear()  # in place: the reader generator holds this counter
         if docs or skipped:
-            yield _shard_row(unit.index, chunk, docs, skipped)
+            yield _shard_row(unit.index, chunk, docs, skipped, 1.0)
 
 
-def _shard_row(unit: int, chunk: int, docs: list[RawDocument], skipped: SkipCounter) -> pa.Table:
+def _shard_row(unit: int, chunk: int, docs: list[RawDocument], skipped: SkipCounter, read_fraction: float) -> pa.Table:
+    """`read_fraction`: how far through its unit the reader was at the shard's end (progress only)."""
     return pa.table({
         "shard_id": [shard_id(unit, chunk)],
         "doc_ids": [[d.doc_id for d in docs]],
@@ -62,6 +65,7 @@ def _shard_row(unit: int, chunk: int, docs: list[RawDocument], skipped: SkipCoun
         "texts": [[d.text for d in docs]],
         "markup": [[d.markup for d in docs]],
         "reader_skipped": [json.dumps(dict(skipped))],
+        "read_fraction": [float(read_fraction)],
     })
 
 
@@ -135,7 +139,8 @@ class ShardProcessor:
                 shards[split] = {"name": name, "rows": tables[split].num_rows,
                                  "sha256": write_parquet_atomic(tables[split], path)}
                 written.append(path)
-        record = {"shard_id": sid, "stats": stats.as_dict(), "shards": shards}
+        record = {"shard_id": sid, "stats": stats.as_dict(), "shards": shards,
+                  "read_fraction": float(row.get("read_fraction", 0.0))}
         write_json_atomic(record, record_path)
         self.layout.push_files(written)  # the shard's files first, its completion record last
         self.layout.push_files([record_path])
