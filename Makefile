@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench-preprocess bench-sparsity bench-train bench-data bench-kd bench-fidelity clean
+.PHONY: install demo test test-fast bench-preprocess bench-sparsity bench-train bench-data bench-kd bench-fidelity bench-inference clean
 
 install: $(STAMP)
 
@@ -53,6 +53,9 @@ bench-kd: install
 
 # Prune OFA against one-shot pruning, no KD and the dense ceiling on a small BERT it pretrains
 # (<= 40 min on 2 cores; BENCH_ARGS=--quick checks the plumbing in minutes).
+bench-inference: install
+	$(PY) tests/bench/bench_inference.py $(BENCH_ARGS)
+
 bench-fidelity: install
 	$(PY) tests/bench/bench_fidelity.py $(BENCH_ARGS)
 

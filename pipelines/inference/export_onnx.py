@@ -48,6 +48,14 @@ class InferenceModel(nn.Module):
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         return self.model(**{n: given[n] for n in self.input_names})[0]
 
+    def own_name(self, key: str) -> Optional[str]:
+        """An export's weight name as this model calls it: an encoder timed from a pretraining export drops
+        the base model prefix (`bert.`), and has no heads (None)."""
+        prefix = self.model.base_model_prefix + "."
+        if self.graph != "encoder" or not key.startswith((prefix, "cls.")):
+            return key
+        return key[len(prefix):] if key.startswith(prefix) else None
+
     def example_inputs(self, batch: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
         gen = torch.Generator().manual_seed(seed)
         vocab = int(getattr(self.model.config, "vocab_size", 2) or 2)
@@ -80,13 +88,16 @@ def load_for_inference(folder: str, state: Optional[dict[str, torch.Tensor]] = N
         transformers.logging.set_verbosity(quiet)
         if bars:
             transformers.utils.logging.enable_progress_bar()
+    timed = InferenceModel(model, graph)
     if state is not None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        # a pretraining export's heads are not part of the timed encoder (own_name: None)
+        own = {n: v for k, v in state.items() if (n := timed.own_name(k)) is not None}
+        missing, unexpected = model.load_state_dict(own, strict=False)
         tied = {k for k in missing if k.endswith("decoder.weight") or k.endswith("decoder.bias")}
         if set(missing) - tied or unexpected:
             raise ConversionError(f"{folder}: the int8 weights do not fit the model (missing {sorted(missing)[:3]}, "
                                   f"unexpected {sorted(unexpected)[:3]})")
-    return InferenceModel(model, graph)
+    return timed
 
 
 @dataclass

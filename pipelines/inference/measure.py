@@ -133,6 +133,7 @@ def prepare_model(entry: ModelEntry, cfg: InferenceConfig, templates: dict[str, 
         if entry.int8:
             state, names = _int8_state(entry)
             model = load_for_inference(entry.folder, state)
+            names = [n for n in map(model.own_name, names) if n is not None]
         else:
             model, names = load_for_inference(entry.folder), []
         fields, graph = convert_module(model, cfg, work, templates, entry.name, names)

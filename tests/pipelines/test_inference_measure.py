@@ -81,6 +81,18 @@ def test_an_int8_qat_export_runs_quantized(tmp_path) -> None:
     assert int8_row["sparse_bytes"] < full["models"][0]["sparse_bytes"]  # int8 non-zeros: fewer bytes again
 
 
+def test_a_pretraining_exports_int8_weights_fit_its_encoder(tmp_path) -> None:
+    """int8 weights of a student export (BERT-for-pretraining keys) time as its encoder, heads dropped."""
+    folder = export(pretraining_model(6, sparsity=0.9), str(tmp_path / "student"))
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    export_int8(folder, [n for n in state if ".encoder." in n and n.endswith(".weight") and state[n].dim() == 2])
+    report = inference_report([ModelEntry("student", folder), ModelEntry("student/int8", folder, "student", int8=True)],
+                              CFG)
+    row = report["models"][1]
+    assert row["error"] is None and row["graph"] == "encoder" and row["max_abs_diff"] < 0.1, row
+    assert row["onnx"].endswith("then ONNX Runtime dynamic int8") and row["timed_with"] == "student"
+
+
 def test_a_runtime_that_is_not_installed_gives_rows_that_say_so(tmp_path, monkeypatch) -> None:
     folder = export(pretraining_model(3, sparsity=0.9), str(tmp_path / "student"))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
