@@ -71,27 +71,28 @@ Progress = Callable[[int, int, Mapping[str, float]], None]
 
 
 class SourceProgress:
-    """How much of the source the finished shards cover: for each read unit, how far its reader was at
-    the end of the furthest finished shard, weighted by the unit's size."""
+    """How much of the source the finished shards cover, in whatever order they finish: each shard
+    record holds the part of its read unit it was read from, weighted by the unit's size."""
 
     def __init__(self, cfg: PreprocessConfig, units: list[ReadUnit]) -> None:
         self.sizes = {u.index: unit_size(cfg.source, u) for u in units}
-        self.by_bytes = 0.0 if cfg.source.kind == "hf_dataset" else 1.0
         self.total = sum(self.sizes.values())
-        self.reached: dict[int, float] = {}
+        self.by_bytes = 0.0 if cfg.source.kind == "hf_dataset" else 1.0
+        self.done = 0.0
         self.shards = self.tokens = self.documents = 0
         self.started = time.monotonic()
 
     def add(self, record: dict) -> tuple[int, int, dict[str, float]]:
         unit = int(record["shard_id"].split("-")[0])
-        self.reached[unit] = max(self.reached.get(unit, 0.0), float(record.get("read_fraction", 0.0)))
+        start, end = record.get("read_span") or (0.0, 0.0)  # none in a record from an older pofa
+        self.done += self.sizes.get(unit, 0) * max(0.0, float(end) - float(start))
         self.shards += 1
         self.tokens += int(record["stats"]["tokens"])
         self.documents += sum(record["stats"]["documents"].values())
-        done = sum(self.sizes.get(u, 0) * f for u, f in self.reached.items())
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        return int(done), self.total, {"shards": self.shards, "tokens": self.tokens, "documents": self.documents,
-                                       "throughput/tokens_per_s": self.tokens / elapsed, "by_bytes": self.by_bytes}
+        return min(int(self.done), self.total), self.total, {
+            "shards": self.shards, "tokens": self.tokens, "documents": self.documents,
+            "throughput/tokens_per_s": self.tokens / elapsed, "by_bytes": self.by_bytes}
 
 
 def run_preprocess(cfg: PreprocessConfig, seed: int, layout: RunLayout, log_dir: Optional[str] = None,

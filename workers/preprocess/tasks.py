@@ -41,23 +41,23 @@ def read_shards(batch: dict, cfg_json: str) -> Iterator[pa.Table]:
         skipped = SkipCounter()
         position = ReadPosition()
         docs: list[RawDocument] = []
-        chunk = 0
+        chunk, start = 0, 0.0
         limit = cfg.source.max_documents
         for n, doc in enumerate(iter_documents(cfg.source, unit, skipped, position)):
             if limit is not None and n >= limit:
-                position.fraction = 1.0  # the unit ends here for this stage
                 break
             docs.append(doc)
             if len(docs) == cfg.documents_per_shard:
-                yield _shard_row(unit.index, chunk, docs, skipped, position.fraction)
-                docs, chunk = [], chunk + 1
+                yield _shard_row(unit.index, chunk, docs, skipped, (start, position.fraction))
+                docs, chunk, start = [], chunk + 1, position.fraction
                 skipped.clear()  # in place: the reader generator holds this counter
         if docs or skipped:
-            yield _shard_row(unit.index, chunk, docs, skipped, 1.0)
+            yield _shard_row(unit.index, chunk, docs, skipped, (start, 1.0))
 
 
-def _shard_row(unit: int, chunk: int, docs: list[RawDocument], skipped: SkipCounter, read_fraction: float) -> pa.Table:
-    """`read_fraction`: how far through its unit the reader was at the shard's end (progress only)."""
+def _shard_row(unit: int, chunk: int, docs: list[RawDocument], skipped: SkipCounter,
+               read_span: tuple[float, float]) -> pa.Table:
+    """`read_span`: the part of its unit (0 to 1) the shard was read from, for progress only."""
     return pa.table({
         "shard_id": [shard_id(unit, chunk)],
         "doc_ids": [[d.doc_id for d in docs]],
@@ -65,7 +65,7 @@ def _shard_row(unit: int, chunk: int, docs: list[RawDocument], skipped: SkipCoun
         "texts": [[d.text for d in docs]],
         "markup": [[d.markup for d in docs]],
         "reader_skipped": [json.dumps(dict(skipped))],
-        "read_fraction": [float(read_fraction)],
+        "read_span": [list(map(float, read_span))],
     })
 
 
@@ -140,7 +140,7 @@ class ShardProcessor:
                                  "sha256": write_parquet_atomic(tables[split], path)}
                 written.append(path)
         record = {"shard_id": sid, "stats": stats.as_dict(), "shards": shards,
-                  "read_fraction": float(row.get("read_fraction", 0.0))}
+                  "read_span": list(row.get("read_span") or (0.0, 0.0))}
         write_json_atomic(record, record_path)
         self.layout.push_files(written)  # the shard's files first, its completion record last
         self.layout.push_files([record_path])
