@@ -32,6 +32,10 @@ output records (`workers.stage_outputs.read_output`, `orchestrator.stages.finetu
                    teacher's pattern, i.e. none, is kept) and `hard_weight=1.0 kd_weight=0.0`: the
                    dense teacher trained on for the same steps on the same loss it was trained with.
 
+   Ablations of (a), one knob each, opt-in with `--variants` (no fine-tunes): (e) `lr_rewind=false`
+   (linear decay from step 0), (f) `distillation.mlm_positions=masked` (the MLM KL on the masked
+   positions only), (g) `distillation.temperature=1.0`.
+
 3. **Downstream**: for the first seed of each variant, the finetune stage fine-tunes the student on
    Pang & Lee polarity (the `tiny` recipe's finetune section) with its zero pattern locked and KD
    from a dense task teacher, for `finetune.seeds` (3 seeds). The dense task teacher (fine-tuned
@@ -44,7 +48,8 @@ parent run with a nested run per variant in `sqlite:///<out>/mlflow.db` (artifac
 both values lie on the interval's ends). The goal, (a) beats (b) and (c) on validation MLM
 accuracy by more than the seed spread, is checked as `mean_a - spread_a > mean_x + spread_x`.
 
-Rerunning the same command resumes: pofa skips every finished stage (`--fresh` starts over).
+With `--jobs 2` (the default) the later seeds' students run in a second process beside the first
+seed's runs. Rerunning the same command resumes: pofa skips every finished stage (`--fresh` starts over).
 `--quick` (a 2-layer hidden-64 model, short runs, one fine-tune seed) checks the plumbing in
 minutes; its teacher does not meet the "clearly learned" bar.
 """
@@ -78,7 +83,12 @@ VARIANTS = {
     "b": "(b) cubic GMP, no KD",
     "c": "(c) one-shot pruning + KD",
     "d": "(d) dense, trained on (ceiling)",
+    # ablations of (a), opt-in (`--variants a,b,c,d,e,f,g`): one knob each of the method, no fine-tunes
+    "e": "(e) = (a) without LR rewinding",
+    "f": "(f) = (a), KD on masked positions only",
+    "g": "(g) = (a) at temperature 1",
 }
+FINETUNED = ("a", "b", "c", "d")  # the polarity column: the four comparisons the issue asks for
 TASK = "polarity"
 
 # Sizes. Default: at most 40 minutes on 2 quiet cores. Quick: the plumbing in minutes.
@@ -132,6 +142,12 @@ def variant_sets(variant: str, s: dict[str, Any]) -> list[str]:
     if variant == "c":
         return [f"{sched}kind=one_shot", f"{sched}begin_pruning_step=0", f"{sched}end_pruning_step=0",
                 f"{sched}initial_sparsity=0.0", f"{sched}final_sparsity=0.9", "student.pruning.lr_rewind=true"] + kd
+    if variant == "e":
+        return [x for x in cubic if not x.endswith("lr_rewind=true")] + ["student.pruning.lr_rewind=false"] + kd
+    if variant == "f":
+        return cubic + kd + ["student.distillation.mlm_positions=masked"]
+    if variant == "g":
+        return cubic + kd[:-1] + ["student.distillation.temperature=1.0"]
     if variant == "d":
         return [f"{sched}kind=constant", f"{sched}initial_sparsity=0.0", f"{sched}final_sparsity=0.0",
                 "student.pruning.lr_rewind=false"] + hard
@@ -332,6 +348,9 @@ def main() -> int:
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--no-common-eval", action="store_true", help="skip the paired re-evaluation")
     ap.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="2: the later seeds' students run in a second process beside the first seed's runs")
+    ap.add_argument("--students-only", action="store_true", help=argparse.SUPPRESS)  # that second process
     args = ap.parse_args()
 
     settings = dict(QUICK if args.quick else DEFAULT)
@@ -367,11 +386,29 @@ def main() -> int:
     task_teacher: Optional[str] = None
     exports: dict[str, str] = {"teacher": layout.path(read_output(layout, "teacher", TrainingOutput).model)}
     stage_times: dict[str, float] = {}
+    if args.students_only:  # the second process: its students are read by the first one
+        for seed in settings["seeds"]:
+            for v in variants:
+                run_dir = out / f"{v}-s{seed}"
+                seed_run_dir(base, run_dir)
+                pofa(run_dir, "student", common + sets[v] + [f"student.seed={seed}"], out / "logs" / f"{run_dir.name}.log")
+        return 0
+    helper = None
+    if args.jobs > 1 and len(settings["seeds"]) > 1:
+        # A pofa run spends part of its time starting, evaluating and exporting on one core: two runs side
+        # by side keep both cores busier. The first seed's runs (with fine-tunes) stay here.
+        cmd = [sys.executable, __file__, "--students-only", "--out", str(out), "--variants", ",".join(variants),
+               "--seeds", ",".join(str(x) for x in settings["seeds"][1:])]
+        cmd += ["--quick"] if args.quick else []
+        cmd += [f"--student-steps={settings['student_steps']}", f"--teacher-steps={settings['teacher_steps']}"]
+        helper = subprocess.Popen(cmd, cwd=REPO)
     for i, seed in enumerate(settings["seeds"]):
+        if i == 1 and helper is not None and helper.wait() != 0:
+            raise SystemExit(f"bench-fidelity: the second process failed (exit {helper.returncode})")
         for v in variants:
             run_dir = out / f"{v}-s{seed}"
             seed_run_dir(base, run_dir)
-            finetune = i == 0 and not args.no_finetune
+            finetune = i == 0 and not args.no_finetune and v in FINETUNED
             extra = [f"student.seed={seed}"]
             if finetune and task_teacher:
                 extra.append(f"finetune.tasks.0.teacher={task_teacher}")
