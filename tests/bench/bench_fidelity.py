@@ -471,8 +471,9 @@ def main() -> int:
         lines.append(f"\nDense task teacher (fine-tuned from the pretraining teacher, seed 42): polarity accuracy "
                      f"{100 * task_teacher_acc[0]:.2f}%.")
     if paired:
-        lines += ["", "The same exports on one set of validation masks (the teacher's, seed 42), val MLM accuracy % "
-                  "(paired: the stages' own val/* above use masks keyed by the student seed):", "",
+        lines += ["", "The same exports re-scored by the bench on the teacher's validation masks (seed 42), val MLM "
+                  "accuracy %: a check on the stages' own figures above, which use the same masks for every run "
+                  "(`VALIDATION_SEED`); runs made before that change differ here:", "",
                   "| model | " + " | ".join(f"seed {x}" for x in settings["seeds"]) + " | mean ± spread |",
                   "|---|" + "---|" * (len(settings["seeds"]) + 1)]
         lines.append(f"| dense teacher | {100 * paired['teacher']['val/mlm_acc']:.2f} |"
