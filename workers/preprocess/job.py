@@ -7,6 +7,7 @@ when the processors fall behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -125,7 +126,11 @@ def run_preprocess(cfg: PreprocessConfig, seed: int, layout: RunLayout, log_dir:
     for row in ds.iter_rows():
         records.append(json.loads(row["result"]))
         if on_progress is not None:
-            on_progress(*progress.add(records[-1]))
+            try:
+                on_progress(*progress.add(records[-1]))
+            except Exception as exc:  # the console's trouble never stops the stage
+                logging.getLogger("pofa.preprocess").warning("progress report failed: %s", exc)
+                on_progress = None
     records.sort(key=lambda r: r["shard_id"])
     layout.pull(layout.stage_dir("preprocess"))  # shards written on other nodes: into this node's copy too
     return finish_preprocess(cfg, layout, records, vocab_size=len(tokenizer))
