@@ -59,7 +59,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -78,16 +77,8 @@ from workers.stage_outputs import (FinetuneOutput, PreprocessOutput, TrainingOut
                                    read_output)
 from workers.train.inputs import split_files  # noqa: E402
 
-VARIANTS = {
-    "a": "(a) cubic GMP + KD (the method)",
-    "b": "(b) cubic GMP, no KD",
-    "c": "(c) one-shot pruning + KD",
-    "d": "(d) dense, trained on (ceiling)",
-    # ablations of (a), opt-in (`--variants a,b,c,d,e,f,g`): one knob each of the method, no fine-tunes
-    "e": "(e) = (a) without LR rewinding",
-    "f": "(f) = (a), KD on masked positions only",
-    "g": "(g) = (a) at temperature 1",
-}
+from tests.bench.fidelity_report import VARIANTS, build_table, goal, log_mlflow, mean_spread  # noqa: E402
+
 FINETUNED = ("a", "b", "c", "d")  # the polarity column: the four comparisons the issue asks for
 TASK = "polarity"
 
@@ -248,92 +239,6 @@ def common_eval(base: Path, models: dict[str, str], eval_rows: int, seed: int = 
                 counts += pretraining_counts(o, batch)
         out[name] = metrics_from_counts(counts)
     return out
-
-
-# -- tables ---------------------------------------------------------------------------------------------
-def mean_spread(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (max(xs) - min(xs)) / 2
-
-
-def fmt(xs: list[float], ref: Optional[float], pct: bool = True, digits: int = 4) -> tuple[str, str]:
-    if not xs:
-        return "–", "–"
-    m, s = mean_spread(xs)
-    scale = 100.0 if pct else 1.0
-    cell = f"{m * scale:.2f} ± {s * scale:.2f}" if pct else f"{m:.{digits}f} ± {s:.{digits}f}"
-    rel = f"{100.0 * m / ref:.1f}%" if ref else "–"
-    return cell, rel
-
-
-def build_table(results: dict[str, dict[str, list[float]]]) -> list[str]:
-    ref = {k: statistics.fmean(results["d"][k]) if results.get("d", {}).get(k) else None
-           for k in ("mlm_acc", "mlm_loss", "nsp_acc", "polarity")}
-    lines = ["| student (90% unstructured unless dense) | seeds | val MLM acc % | % of (d) | val MLM loss | % of (d) "
-             "| val NSP acc % | % of (d) | polarity acc % (3 fine-tune seeds) | % of (d) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for v, label in VARIANTS.items():
-        r = results.get(v)
-        if not r:
-            continue
-        acc = fmt(r["mlm_acc"], ref["mlm_acc"])
-        loss = fmt(r["mlm_loss"], ref["mlm_loss"], pct=False, digits=3)
-        nsp = fmt(r["nsp_acc"], ref["nsp_acc"])
-        pol = fmt(r["polarity"], ref["polarity"])
-        lines.append(f"| {label} | {len(r['mlm_acc'])} | {acc[0]} | {acc[1]} | {loss[0]} | {loss[1]} | {nsp[0]} "
-                     f"| {nsp[1]} | {pol[0]} | {pol[1]} |")
-    return lines
-
-
-def goal(results: dict[str, dict[str, list[float]]]) -> tuple[Optional[bool], list[str]]:
-    if "a" not in results:
-        return None, ["(a) missing"]
-    if len(results["a"]["mlm_acc"]) < 2:
-        return None, ["one seed per variant: no spread to compare against"]
-    ma, sa = mean_spread(results["a"]["mlm_acc"])
-    verdicts, ok = [], True
-    for other in ("b", "c"):
-        if other not in results:
-            ok = False
-            verdicts.append(f"({other}) missing")
-            continue
-        mo, so = mean_spread(results[other]["mlm_acc"])
-        beats = ma - sa > mo + so
-        ok &= beats
-        verdicts.append(f"(a) {100 * ma:.2f} ± {100 * sa:.2f} vs ({other}) {100 * mo:.2f} ± {100 * so:.2f}: "
-                        f"{'beats it by more than the spread' if beats else 'does NOT beat it by more than the spread'}"
-                        f" (difference {100 * (ma - mo):+.2f} points)")
-    return ok, verdicts
-
-
-# -- MLflow ------------------------------------------------------------------------------------------------
-def log_mlflow(out: Path, settings: dict[str, Any], teacher: dict[str, float], base_acc: dict[str, Any],
-               results: dict[str, dict[str, list[float]]], sets: dict[str, list[str]], md: Path) -> str:
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    name = "bench-fidelity"
-    exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        name, artifact_location=(out / "mlartifacts").resolve().as_uri())
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"fidelity-{time.strftime('%Y%m%d-%H%M%S')}") as parent:
-        mlflow.log_params({k: str(v) for k, v in settings.items()})
-        mlflow.log_metrics({f"teacher.{k.replace('/', '.')}": v for k, v in teacher.items()
-                            if k in ("val/mlm_acc", "val/nsp_acc", "val/mlm_loss")})
-        mlflow.log_metrics({"baseline.mlm_acc": base_acc["mlm_acc"], "baseline.nsp_acc": base_acc["nsp_acc"]})
-        mlflow.log_artifact(str(md))
-        for v, r in results.items():
-            with mlflow.start_run(experiment_id=exp_id, run_name=VARIANTS[v], nested=True):
-                mlflow.log_params({"variant": v, "overrides": " ".join(sets[v])[:6000]})
-                metrics: dict[str, float] = {}
-                for k, xs in r.items():
-                    if xs:
-                        m, s = mean_spread(xs)
-                        metrics[f"{k}.mean"], metrics[f"{k}.spread"] = m, s
-                        for i, x in enumerate(xs):
-                            metrics[f"{k}.run{i}"] = x
-                mlflow.log_metrics(metrics)
-        return parent.info.run_id
 
 
 # -- main --------------------------------------------------------------------------------------------------
