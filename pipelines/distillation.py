@@ -4,13 +4,17 @@ classification.
     total = hard_weight * hard + kd_weight * kd
     kd    = KL(softmax(teacher / T) || softmax(student / T)) * T**2   (mean over examples/tokens)
 
-Defaults follow Prune OFA: 0.5 / 0.5, T = 2.0. Where a task has several heads (MLM and NSP,
-start and end), each part is the mean over the heads. The teacher runs in eval mode without
-gradients (`teacher_logits`). Every loss returns its parts so the loop can log them.
+Defaults follow Prune OFA: 0.5 / 0.5, T = 2.0. Pretraining follows the reference's
+`examples/transformers/language-modeling/run_mlm.py` (logit weights [1, 1] for prediction_logits and
+seq_relationship_logits, combined in `model_compression_research/api_utils.py: HFTeacherWrapper`):
+hard = CE_mlm + CE_nsp and kd = KL_mlm + KL_nsp (`mlm_nsp_kd: sum`; `mean` halves kd, pofa before
+0.2). QA (start and end) takes the mean over its heads on both sides, as the reference's QA script.
+The teacher runs in eval mode without gradients (`teacher_logits`). Every loss returns its parts so
+the loop can log them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 import torch
@@ -32,6 +36,8 @@ class DistillationConfig(BaseModel):
     temperature: float = Field(2.0, gt=0.0)
     # MLM distillation over every non-padding token (the reference) or only the masked ones
     mlm_positions: Literal["tokens", "masked"] = "tokens"
+    # How the MLM and NSP KL terms of pretraining combine: sum (the reference) or mean (pofa before 0.2)
+    mlm_nsp_kd: Literal["sum", "mean"] = "sum"
 
 
 @dataclass
@@ -39,10 +45,14 @@ class DistillationLoss:
     total: Tensor
     hard: Tensor
     kd: Tensor
+    # each head's term before weighting (pretraining: ce_mlm, ce_nsp, kd_mlm, kd_nsp)
+    terms: dict[str, Tensor] = field(default_factory=dict)
 
     def as_metrics(self, prefix: str = "loss") -> dict[str, float]:
-        return {prefix: float(self.total.detach()), f"{prefix}/hard": float(self.hard.detach()),
-                f"{prefix}/kd": float(self.kd.detach())}
+        out = {prefix: float(self.total.detach()), f"{prefix}/hard": float(self.hard.detach()),
+               f"{prefix}/kd": float(self.kd.detach())}
+        out.update({f"{prefix}/{k}": float(v.detach()) for k, v in self.terms.items()})
+        return out
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -60,15 +70,16 @@ def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
     return fused_kd_kl(student_logits, teacher_logits, temperature, valid, divisor)
 
 
-def combine(hard: Tensor, kd: Tensor, cfg: DistillationConfig) -> DistillationLoss:
-    return DistillationLoss(total=cfg.hard_weight * hard + cfg.kd_weight * kd, hard=hard, kd=kd)
+def combine(hard: Tensor, kd: Tensor, cfg: DistillationConfig,
+            terms: dict[str, Tensor] | None = None) -> DistillationLoss:
+    return DistillationLoss(total=cfg.hard_weight * hard + cfg.kd_weight * kd, hard=hard, kd=kd, terms=terms or {})
 
 
 def mlm_nsp_loss(student_mlm: Tensor, student_nsp: Tensor | None, teacher_mlm: Tensor, teacher_nsp: Tensor | None,
                  labels: Tensor, next_sentence_label: Tensor, cfg: DistillationConfig,
                  attention_mask: Tensor | None = None, norm: GlobalNorm | None = None) -> DistillationLoss:
     """Pre-training student loss. hard = MLM CE + NSP CE (as BertForPreTraining);
-    kd = mean of the MLM KL (per token) and the NSP KL (per pair). Models without an NSP head
+    kd = MLM KL (per token) + NSP KL (per pair), or their mean (`mlm_nsp_kd: mean`). Models without an NSP head
     (DistilBERT): MLM terms only. Without `norm`: means over this batch; with it: this batch's
     share of the global batch's means (the same on any number of workers)."""
     vocab = student_mlm.shape[-1]
@@ -89,19 +100,22 @@ def mlm_nsp_loss(student_mlm: Tensor, student_nsp: Tensor | None, teacher_mlm: T
     mlm_kd = kd_kl(student_mlm, teacher_mlm, cfg.temperature, valid, kd_rows)
     scale = norm.scale if norm is not None else 1.0
     if student_nsp is None or teacher_nsp is None:
-        return _scaled(combine(mlm_ce, mlm_kd, cfg), scale)
+        return _scaled(combine(mlm_ce, mlm_kd, cfg, {"ce_mlm": mlm_ce, "kd_mlm": mlm_kd}), scale)
     nsp_ce = F.cross_entropy(_wide(student_nsp.reshape(-1, 2)), next_sentence_label.reshape(-1),
                              reduction="mean" if norm is None else "sum")
     if norm is not None:
         nsp_ce = nsp_ce / max(norm.sequences, 1.0)
     nsp_kd = kd_kl(student_nsp, teacher_nsp, cfg.temperature, divisor=norm.sequences if norm is not None else None)
-    return _scaled(combine(mlm_ce + nsp_ce, 0.5 * (mlm_kd + nsp_kd), cfg), scale)
+    kd = mlm_kd + nsp_kd if cfg.mlm_nsp_kd == "sum" else 0.5 * (mlm_kd + nsp_kd)
+    terms = {"ce_mlm": mlm_ce, "ce_nsp": nsp_ce, "kd_mlm": mlm_kd, "kd_nsp": nsp_kd}
+    return _scaled(combine(mlm_ce + nsp_ce, kd, cfg, terms), scale)
 
 
 def _scaled(loss: DistillationLoss, scale: float) -> DistillationLoss:
     if scale == 1.0:
         return loss
-    return DistillationLoss(total=loss.total * scale, hard=loss.hard * scale, kd=loss.kd * scale)
+    return DistillationLoss(total=loss.total * scale, hard=loss.hard * scale, kd=loss.kd * scale,
+                            terms={k: v * scale for k, v in loss.terms.items()})
 
 
 def qa_loss(student_start: Tensor, student_end: Tensor, teacher_start: Tensor, teacher_end: Tensor,

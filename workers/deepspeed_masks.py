@@ -1,6 +1,16 @@
 """Pruning masks that stay exact under DeepSpeed (ZeRO 0/1/2/3, fp32/bf16).
 
-Zeroing the module weights is not enough: DeepSpeed writes its fp32 master copy back at the next
+`pruned_weights: keep` (the reference's semantics, the default): the module weights DeepSpeed runs the
+forward with hold `stored * mask`, and DeepSpeed's fp32 master copy (ZeRO 1-3, bf16) holds the stored
+values. A gradient hook on each pruned parameter zeroes the pruned entries of its gradient before
+DeepSpeed accumulates, reduces or partitions it, so the stored values move only by Adam's momentum and
+weight decay, as the reference's `weight_original`; after every step (DeepSpeed has copied the master
+into the module weights) the module weights are masked again: a local multiply, no communication. Mask
+updates score the stored values (`safe_get_full_fp32_param`). Without a master copy (ZeRO-0, fp32)
+the stored values are kept here (`pipelines.sparsity.enforcer.StoredValues`) and travel in the pruning
+part of the checkpoint; with one, they travel in DeepSpeed's optimizer state (and its universal form).
+
+`pruned_weights: zero` (pofa before 0.2): zeroing the module weights is not enough: DeepSpeed writes its fp32 master copy back at the next
 step, and Adam's moments revive pruned weights (deepspeedai/DeepSpeed#2424). After every
 optimizer step this enforcer zeroes the pruned entries in the module parameters, the fp32 master
 weights and the optimizer state (exp_avg, exp_avg_sq), using DeepSpeed's public accessors:
@@ -39,6 +49,8 @@ from deepspeed.utils import (
 )
 from torch import Tensor
 
+from pipelines.sparsity.enforcer import StoredValues
+
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 ZERO3, MASTER, PLAIN = "zero3", "master", "plain"
@@ -51,13 +63,16 @@ def _is_zero3(param: torch.nn.Parameter) -> bool:
 class DeepSpeedMaskEnforcer:
     """`pipelines.sparsity.MaskEnforcer` for a DeepSpeed engine."""
 
-    def __init__(self, engine: Any, state_keys: Iterable[str] = ADAM_STATE_KEYS) -> None:
+    def __init__(self, engine: Any, state_keys: Iterable[str] = ADAM_STATE_KEYS, keep: bool = True) -> None:
         self.engine = engine
         self.state_keys = tuple(state_keys)
+        self.keep = keep
         self._check_supported()
         # name -> (kind, mask in the layout of the copy enforce() edits, full mask)
         self._masks: dict[str, tuple[str, Tensor, Tensor]] = {}
         self._installed_at = -1  # engine.global_steps when the masks were installed
+        self.values = StoredValues()  # keep without a master copy (ZeRO-0 fp32)
+        self._grad_hooks: dict[str, Any] = {}
 
     def _check_supported(self) -> None:
         """Refuse set-ups whose master copy has no public accessor (fail before training, not
@@ -92,7 +107,7 @@ class DeepSpeedMaskEnforcer:
         for name in names:
             p = self._param(name)
             full = safe_get_full_fp32_param(p)  # None without a master copy
-            out[name] = (full if full is not None else p.detach()).float().clone()
+            out[name] = (full if full is not None else self.values.read(name, p)).float().clone()
         return out
 
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
@@ -114,6 +129,9 @@ class DeepSpeedMaskEnforcer:
                 full = keep.to(device=p.device, dtype=torch.bool)
                 self._masks[name] = (kind, full, full)
         self._installed_at = self.engine.global_steps
+        if self.keep:
+            self._install_keep()
+            return
         # Weights and master copy now. The optimizer state is zeroed by the next `enforce`, after
         # the next step: DeepSpeed links the master-copy views of the optimizer state lazily at the
         # first step after start-up or `load_checkpoint`, and moments used by that one step only
@@ -121,7 +139,72 @@ class DeepSpeedMaskEnforcer:
         self._enforce_all(with_state=False)
 
     def enforce(self) -> None:
+        if self.keep:
+            self._mask_live()
+            return
         self._enforce_all(with_state=self.engine.global_steps > self._installed_at)
+
+    def before_step(self) -> None:
+        if self.keep:
+            plain = self._plain()
+            if plain:
+                self.values.before_step({n: self._param(n) for n in plain}, {n: self._masks[n][1] for n in plain})
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.values.state_dict() if self.keep else {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        if state:
+            self.values.load_state_dict(state, {n: self._param(n) for n in state})
+
+    # -- keep ----------------------------------------------------------------------------------
+    def _plain(self) -> list[str]:
+        return [n for n, (kind, _, _) in self._masks.items() if kind == PLAIN]
+
+    @torch.no_grad()
+    def _install_keep(self) -> None:
+        """The forward sees stored * new mask from now on: a regrown weight comes back with its stored
+        value at once (not only after DeepSpeed's next master -> module copy). Collective at ZeRO 1-3."""
+        for name, (kind, keep, full) in self._masks.items():
+            p = self._param(name)
+            if kind == PLAIN:
+                self.values.install(name, p.data, keep.to(p.dtype))
+                continue
+            if name not in self._grad_hooks:
+                # before DeepSpeed's post-accumulate hooks see it: the pruned entries' gradient is 0
+                self._grad_hooks[name] = p.register_hook(self._grad_mask(name))
+            if kind == ZERO3:
+                local = safe_get_local_fp32_param(p).reshape(-1)
+                lp = p.ds_tensor
+                lp.data.reshape(-1)[: local.numel()].copy_(local.to(lp.dtype))
+                if p.data.numel() == p.ds_numel:  # persistent (small) parameters stay gathered
+                    p.data.copy_(safe_get_full_fp32_param(p).to(p.dtype).reshape(p.data.shape))
+            else:
+                p.data.copy_(safe_get_full_fp32_param(p).to(p.dtype))
+        self._mask_live()
+
+    def _grad_mask(self, name: str) -> Any:
+        def hook(grad: Tensor) -> Tensor:
+            full = self._masks[name][2]
+            return grad * full.to(grad.dtype).reshape(grad.shape) if grad.numel() == full.numel() else grad
+        return hook
+
+    @torch.no_grad()
+    def _mask_live(self) -> None:
+        """The weights the forward sees = stored * mask (the master copy keeps the stored values)."""
+        plain = {}
+        for name, (kind, keep, full) in self._masks.items():
+            p = self._param(name)
+            if kind == ZERO3:
+                p.ds_tensor.data.mul_(keep.to(p.ds_tensor.dtype))
+                if p.data.numel() == p.ds_numel:  # persistent (small) parameters stay gathered
+                    p.data.mul_(full.to(p.dtype).reshape(p.data.shape))
+            elif kind == MASTER:
+                p.data.mul_(keep.to(p.dtype))
+            else:
+                plain[name] = p.data
+        if plain:
+            self.values.after_step(plain, {n: self._masks[n][1].to(t.dtype) for n, t in plain.items()})
 
     @torch.no_grad()
     def _enforce_all(self, with_state: bool) -> None:

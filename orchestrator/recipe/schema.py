@@ -14,6 +14,7 @@ from pipelines.finetune.config import FinetuneConfig
 from pipelines.inference.config import ReportConfig
 from pipelines.models.config import ModelConfig
 from pipelines.sparsity.config import PruningConfig
+from pipelines.sparsity.schedules import first_final_update
 from pipelines.training.config import TrainConfig
 
 StageName = Literal["preprocess", "teacher", "student", "finetune", "report"]
@@ -51,6 +52,14 @@ class StudentConfig(TrainConfig):
         if sched.kind == "cubic" and sched.policy_end_step > self.max_steps:
             raise ValueError(f"pruning.schedule.policy_end_step={sched.policy_end_step} is after max_steps="
                              f"{self.max_steps}: the target sparsity would never be reached")
+        if sched.kind == "cubic":
+            # the mask of schedule step t is computed after update t + 1 (the reference's timing), so the
+            # first update at or after the policy's end must come before the last step
+            final = first_final_update(sched)
+            if final is not None and final + 1 >= self.max_steps:
+                raise ValueError(f"pruning.schedule: the mask at the final sparsity (schedule step {final}) is computed "
+                                 f"after update {final + 1}, not before max_steps={self.max_steps}: lower "
+                                 "pruning.schedule.policy_end_step or raise max_steps")
         return self
 
 

@@ -8,6 +8,8 @@ from transformers import AutoConfig, AutoModelForPreTraining, BertConfig, Pretra
 
 from pipelines.models.config import ModelConfig
 
+MODEL_TYPES = frozenset({"bert", "distilbert"})  # the encoders of Intel's Prune OFA model cards
+
 
 def resolve_model_config(cfg: ModelConfig, *, vocab_size: int, pad_token_id: int | None = None) -> PretrainedConfig:
     """The architecture config, without loading weights; errors name the key (called before any worker starts)."""
@@ -23,6 +25,10 @@ def resolve_model_config(cfg: ModelConfig, *, vocab_size: int, pad_token_id: int
         config = AutoConfig.from_pretrained(cfg.name)
     except (OSError, ValueError) as exc:
         raise ValueError(f"model.name={cfg.name!r}: not a local model folder nor a reachable hub model ({exc})") from exc
+    if config.model_type not in MODEL_TYPES:
+        raise ValueError(f"model.name={cfg.name!r} is a {config.model_type!r} checkpoint, not one of "
+                         f"{sorted(MODEL_TYPES)}: Prune OFA's recipes (and pofa's pruning patterns and heads) are "
+                         "for BERT and DistilBERT encoders")
     if config.vocab_size < vocab_size:
         raise ValueError(f"model.name={cfg.name!r} has vocab_size={config.vocab_size} but the tokenizer has "
                          f"{vocab_size} tokens: preprocess with the model's own tokenizer")

@@ -1,10 +1,10 @@
 """How a model-wide sparsity target is split over layers, as exact prune counts.
 
 Counts are in pruning units: weights for unstructured masks, whole blocks for block masks.
-- uniform (the paper's): every layer gets round(s * units) pruned units.
+- uniform (the paper's): every layer gets int(s * units) pruned units.
 - erk (Erdős–Rényi-Kernel, Evci et al. 2020): density proportional to (rows + cols) / (rows * cols),
   layers that would exceed density 1 are kept dense and the rest rescaled; counts are rounded by
-  largest remainder so that the total is exactly round(s * total units).
+  largest remainder so that the total is exactly int(s * total units).
 - global: one magnitude threshold over all layers; handled in `masks.compute_masks`.
 """
 from __future__ import annotations
@@ -16,8 +16,9 @@ from .config import MaskConfig
 
 
 def prune_count(units: int, sparsity: float) -> int:
-    """round(sparsity * units), halves rounded up (Python's round() rounds halves to even)."""
-    return min(units, int(math.floor(sparsity * units + 0.5)))
+    """int(sparsity * units), truncated as the reference's threshold count
+    (`pruning/methods/methods_utils.py: calc_pruning_threshold`, `k = int(target_sparsity * n)`)."""
+    return min(units, int(sparsity * units))
 
 
 def unit_count(shape: Sequence[int], mask: MaskConfig) -> int:

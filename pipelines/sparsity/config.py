@@ -105,7 +105,18 @@ class PruningConfig(BaseModel):
     allocation: Literal["uniform", "global", "erk"] = "uniform"
     include: list[str] = Field(default_factory=lambda: list(DEFAULT_INCLUDE))
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    # Intel's reference (model_compression_research/pruning/methods/magnitude_method.py): the mask
+    # multiplies the weight in the forward pass, the stored value and its optimizer state live on, and
+    # each mask update rescores the stored values, so a pruned weight can come back while the schedule
+    # runs. "zero": pruned weights and their Adam moments are zeroed after every step (masks only grow;
+    # pofa before 0.2).
+    pruned_weights: Literal["keep", "zero"] = "keep"
     lr_rewind: bool = False
+    # The window the LR is rewound in. "policy" (the reference: run_mlm.py passes policy_begin_step ..
+    # policy_end_step to api_utils.get_linear_rewinding_schedule_with_warmup); "pruning": begin/end_pruning_step.
+    lr_rewind_window: Literal["policy", "pruning"] = "policy"
+    # Clamp the rewinding multiplier at 1.0 (pofa before 0.2); the reference does not (1.0204 at a rewind).
+    lr_rewind_clamp: bool = False
 
     @field_validator("include", "exclude")
     @classmethod
@@ -120,6 +131,13 @@ class PruningConfig(BaseModel):
         if info.field_name == "include" and not v:
             raise ValueError(f"{KEY}.include is empty: it would select no parameter")
         return v
+
+    @model_validator(mode="after")
+    def _rewind_options(self) -> "PruningConfig":
+        if not self.lr_rewind and (self.lr_rewind_clamp or self.lr_rewind_window != "policy"):
+            raise ValueError(f"{KEY}.lr_rewind_window / {KEY}.lr_rewind_clamp are set but {KEY}.lr_rewind is false: "
+                             "they would change nothing")
+        return self
 
     @model_validator(mode="after")
     def _nm_is_uniform(self) -> "PruningConfig":

@@ -1,6 +1,6 @@
 """Magnitude masks. A mask is a bool tensor shaped like the weight: True keeps, False prunes.
 
-Exact counts: a layer of n units pruned at sparsity s loses exactly round(s * n) units (weights
+Exact counts: a layer of n units pruned at sparsity s loses exactly int(s * n) units (weights
 or whole blocks). Ties in magnitude are broken by position (lower flat index pruned first), so
 the same weights always give the same mask on any device.
 """

@@ -57,3 +57,14 @@ def last_mask_update_step(cfg: ScheduleConfig) -> int | None:
         return None
     span = cfg.end_pruning_step - cfg.begin_pruning_step
     return cfg.begin_pruning_step + span - span % cfg.pruning_frequency
+
+
+def first_final_update(cfg: ScheduleConfig) -> int | None:
+    """The first cubic mask update at or after policy_end_step (the one at the final sparsity), or
+    None when masks stop changing before it."""
+    t1, begin, f = cfg.policy_end_step, cfg.begin_pruning_step, cfg.pruning_frequency
+    step = max(t1, begin)
+    step += (-(step - begin)) % f
+    if cfg.end_pruning_step != -1 and step > cfg.end_pruning_step:
+        return None
+    return step

@@ -34,8 +34,7 @@ def linear_lr(step: int, *, base_lr: float, total_steps: int, warmup_ratio: floa
 def make_lr_fn(cfg: TrainConfig, pruning: Optional[PruningConfig] = None) -> Callable[[int], float]:
     """step -> LR. With pruning and `pruning.lr_rewind`, the sparsity core's rewinding multiplier."""
     if pruning is not None and pruning.lr_rewind:
-        multiplier = make_lr_lambda(pruning.schedule, warmup_steps(cfg.max_steps, cfg.warmup_ratio),
-                                    cfg.max_steps, lr_rewind=True)
+        multiplier = make_lr_lambda(pruning, warmup_steps(cfg.max_steps, cfg.warmup_ratio), cfg.max_steps)
         return lambda step: cfg.learning_rate * multiplier(step)
     return lambda step: linear_lr(step, base_lr=cfg.learning_rate, total_steps=cfg.max_steps,
                                   warmup_ratio=cfg.warmup_ratio)

@@ -247,3 +247,24 @@ def test_finetune_keeps_the_students_pattern_and_records_results(tiny_run):
     assert encoder
     for name in encoder:  # the exact zero pattern, weight by weight
         assert (student[name] == 0).equal(tuned[name] == 0), name
+
+
+def test_student_follows_the_references_lr_loss_and_regrows(tiny_run):
+    """Every logged step (40, across a SIGTERM and a resume): the LR is the reference's rewinding schedule
+    (policy window 0..20, rewound every 10 steps, not clamped), `loss` is the reference's combination of
+    the four logged terms, and the mask updates brought pruned weights back."""
+    from tests.pipelines import reference_pruneofa as ref
+
+    run_dir, _, _ = tiny_run
+    records = [json.loads(line) for line in open(run_dir / "student" / "metrics.jsonl")]
+    train = {r["step"]: r for r in records if "loss/ce_mlm" in r}
+    assert sorted(train) == list(range(1, 41))
+    for step, r in train.items():  # logged after the update: its LR is the schedule's at step - 1
+        assert r["lr"] == pytest.approx(1e-3 * ref.lr_multiplier(step - 1, 2, 40, 0, 20, 10), rel=1e-9), step
+        assert r["loss"] == pytest.approx(0.5 * (r["loss/ce_mlm"] + r["loss/ce_nsp"])
+                                          + 0.5 * (r["loss/kd_mlm"] + r["loss/kd_nsp"]), rel=1e-5), step
+    assert max(r["lr"] for r in train.values()) > 1e-3  # a rewind above the peak LR: no clamp
+    # schedule steps 0, 10, 20, 30 -> masks computed before updates 2, 12, 22, 32, logged with them
+    regrown = {s: r["masks/regrown"] for s, r in train.items() if "masks/regrown" in r}
+    assert sorted(regrown) == [2, 12, 22, 32]
+    assert sum(regrown.values()) > 0

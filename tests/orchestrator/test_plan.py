@@ -107,6 +107,29 @@ def test_a_manifest_of_an_older_pofa_with_operational_keys_in_its_config_is_curr
     assert _plan(run)["preprocess"].action == "skip"
 
 
+def test_a_student_made_with_the_old_method_semantics_is_refused_naming_the_keys(run) -> None:
+    """A student finished by pofa before the reference's semantics: its manifest's config has none of
+    the new keys. Its run directory is never silently continued with other semantics."""
+    recipe = load_recipe("tiny")
+    _finish(run, recipe, "teacher")
+    _finish(run, recipe, "student")
+    path = run.layout.manifest("student")
+    manifest = json.load(open(path))
+    student = manifest["config"]["student"]
+    for key in ("pruned_weights", "lr_rewind_window", "lr_rewind_clamp"):
+        del student["pruning"][key]
+    del student["distillation"]["mlm_nsp_kd"]
+    manifest["fingerprint"] = "0" * 32
+    json.dump(manifest, open(path, "w"))
+    plans = _plan(run)
+    assert plans["student"].action == "redo" and plans["student"].refused
+    text = refusal(list(plans.values()))
+    for key, value in (("student.pruning.pruned_weights", "keep"), ("student.pruning.lr_rewind_window", "policy"),
+                       ("student.distillation.mlm_nsp_kd", "sum")):
+        assert f"{key} (unset) -> '{value}'" in text, text
+    assert "--redo student" in text
+
+
 def test_unknown_redo_stage_is_an_error() -> None:
     with pytest.raises(ValueError, match="--redo: unknown stage.*teachr"):
         check_redo(["teachr"])

@@ -47,8 +47,9 @@ def test_mlm_nsp_limits_match_hard_loss_and_kl():
     assert hard.total.item() == pytest.approx(s_out.loss.item(), rel=1e-5)  # = BertForPreTraining's own loss
     kd = distillation_loss("pretraining", s_out, t_out, batch, KD_ONLY)
     valid = batch["attention_mask"].bool()
-    expected = 0.5 * (kl_by_hand(s_out.prediction_logits[valid], t_out.prediction_logits[valid], 2.0)
-                      + kl_by_hand(s_out.seq_relationship_logits, t_out.seq_relationship_logits, 2.0))
+    # the reference sums the two heads' KL terms (run_mlm.py: logit weights [1, 1])
+    expected = (kl_by_hand(s_out.prediction_logits[valid], t_out.prediction_logits[valid], 2.0)
+                + kl_by_hand(s_out.seq_relationship_logits, t_out.seq_relationship_logits, 2.0))
     assert kd.total.item() == pytest.approx(expected.item(), rel=1e-4)
     default = distillation_loss("pretraining", s_out, t_out, batch, DistillationConfig())
     assert default.total.item() == pytest.approx(0.5 * hard.hard.item() + 0.5 * kd.kd.item(), rel=1e-5)

@@ -32,29 +32,33 @@ def train(model, opt, cb, steps, on_grad=None):
         model(**batch(step)).loss.backward()
         if on_grad:
             on_grad()
+        cb.before_step()
         opt.step()
         opt.zero_grad()
         cb.on_step_end(step)
 
 
-def test_gmp_reaches_exact_target_and_zeroes_adam_state():
+@pytest.mark.parametrize("semantics", ["keep", "zero"])
+def test_gmp_reaches_exact_target(semantics):
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    cb = PruningCallback(model, PruningConfig.model_validate(GMP), optimizer=opt)
+    cb = PruningCallback(model, PruningConfig.model_validate({**GMP, "pruned_weights": semantics}), optimizer=opt)
     seen = []
     for step in range(15):
         if cb.on_step_begin(step):
             seen.append((step, round(cb.sparsity, 4)))
         model(**batch(step)).loss.backward()
+        cb.before_step()
         opt.step()
         opt.zero_grad()
         cb.on_step_end(step)
-    assert seen == [(0, 0.0), (5, 0.7875), (10, 0.9)]
+    # schedule steps 0, 5, 10: computed after the update that follows them (the reference's timing)
+    assert seen == [(1, 0.0), (6, 0.7875), (11, 0.9)]
     for name in cb.names:
         p = model.get_parameter(name)
         assert int((p == 0).sum()) == prune_count(p.numel(), 0.9)
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert (opt.state[p][key][~cb.masks[name]] == 0).all()
+        for key in ("exp_avg", "exp_avg_sq"):  # zero: the moments follow the mask; keep: they live on
+            assert (opt.state[p][key][~cb.masks[name]] == 0).all() == (semantics == "zero")
     metrics = cb.metrics()
     assert metrics["sparsity/global"] == pytest.approx(0.9, abs=1e-3)
     assert metrics["sparsity/target"] == pytest.approx(0.9)
@@ -89,20 +93,31 @@ def test_state_dict_round_trip_restores_masks_and_position(tmp_path):
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     cb = PruningCallback(model, cfg, optimizer=opt)
-    train(model, opt, cb, range(7))
+    train(model, opt, cb, range(8))
+    cb.apply()  # as before every save: must not disturb the stored values
+    stored = cb.enforcer.read_weights(cb.names)
     torch.save({"model": model.state_dict(), "pruning": cb.state_dict()}, tmp_path / "ck.pt")
 
     model2 = tiny_model(seed=1)  # dense and different: masks must come from the checkpoint
     ck = torch.load(tmp_path / "ck.pt")
     cb2 = PruningCallback(model2, cfg, optimizer=torch.optim.AdamW(model2.parameters(), lr=1e-2))
     cb2.load_state_dict(ck["pruning"])
-    assert cb2.last_update_step == 5 and cb2.sparsity == pytest.approx(0.7875)
+    assert cb2.last_update_step == 6 and cb2.sparsity == pytest.approx(0.7875)
     assert all(torch.equal(cb.masks[n], cb2.masks[n]) for n in cb.names)
+    restored = cb2.enforcer.read_weights(cb2.names)
     for n in cb.names:  # masks applied on load, even to weights that were not pruned yet
         assert (model2.get_parameter(n)[~cb2.masks[n]] == 0).all()
-    assert cb2.on_step_begin(7) is False  # no recomputation outside the schedule
-    assert cb2.on_step_begin(5) is False  # replaying the checkpointed update step does not recompute
-    assert cb2.on_step_begin(10) is True and cb2.sparsity == pytest.approx(0.9)
+        assert torch.equal(restored[n], stored[n])  # the stored values of pruned weights came back too
+        assert (restored[n][~cb2.masks[n]] != 0).any()
+    assert cb2.on_step_begin(8) is False  # no recomputation outside the schedule
+    assert cb2.on_step_begin(6) is False  # replaying the checkpointed update step does not recompute
+    assert cb2.on_step_begin(11) is True and cb2.sparsity == pytest.approx(0.9)
+
+
+def test_an_old_pruning_state_is_refused_with_what_to_do():
+    cb = PruningCallback(tiny_model(), PruningConfig.model_validate(GMP))
+    with pytest.raises(ValueError, match="--redo student"):
+        cb.load_state_dict({**cb.state_dict(), "version": 1})
 
 
 def test_masks_follow_names_when_parameters_are_recreated():
@@ -113,6 +128,7 @@ def test_masks_follow_names_when_parameters_are_recreated():
     name = cb.names[0]
     module = model.get_submodule(name.rsplit(".", 1)[0])
     module.weight = torch.nn.Parameter(torch.randn_like(module.weight))  # a wrapper re-created it
+    cb.before_step()
     cb.on_step_end(0)
     assert (model.get_parameter(name)[~cb.masks[name]] == 0).all()
 

@@ -19,14 +19,16 @@ def test_unstructured_exact_counts(sparsity):
     masks = compute_masks(w, sparsity, PruningConfig())
     for name, m in masks.items():
         n = w[name].numel()
-        assert int((~m).sum()) == int(sparsity * n + 0.5)
+        assert int((~m).sum()) == int(sparsity * n)
         # magnitude order: every pruned |w| <= every kept |w|
         if 0 < sparsity:
             assert w[name].abs()[~m].max() <= w[name].abs()[m].min()
 
 
-def test_round_half_up_and_deterministic_ties():
-    assert allocation.prune_count(10, 0.25) == 3  # 2.5 -> 3 (Python's round would give 2)
+def test_counts_truncate_as_the_reference_and_ties_are_deterministic():
+    # methods_utils.calc_pruning_threshold: k = int(target_sparsity * n)
+    assert allocation.prune_count(10, 0.25) == 2 and allocation.prune_count(10, 0.29) == 2
+    assert allocation.prune_count(768 * 768, 0.9) == int(0.9 * 768 * 768) == 530841
     flat = torch.ones(10)
     pruned = smallest_k(flat, 4)
     assert pruned.tolist() == [True] * 4 + [False] * 6  # ties: lowest index first

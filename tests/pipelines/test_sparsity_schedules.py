@@ -1,7 +1,7 @@
 """Schedules against values worked out by hand from the reference formula (prune-ofa.md)."""
 import pytest
 
-from pipelines.sparsity.config import ScheduleConfig
+from pipelines.sparsity.config import PruningConfig, ScheduleConfig
 from pipelines.sparsity.lr_rewind import make_lr_lambda, rewinding_lr_multiplier
 from pipelines.sparsity.schedules import is_mask_update_step, last_mask_update_step, target_sparsity
 
@@ -63,25 +63,35 @@ def test_one_shot_and_constant():
 
 
 def test_lr_rewind_multiplier_table():
-    # total 100, warmup 10, pruning window [20, 60) with masks every 10 steps:
+    # total 100, warmup 10, window [20, 60) rewound every 10 steps (api_utils.py's formula):
     # outside = 100 - 40 = 60 steps advance the decay; span = 60 - 10 = 50.
-    f = lambda t: rewinding_lr_multiplier(t, 10, 100, 20, 60, 10)  # noqa: E731
+    f = lambda t, clamp=False: rewinding_lr_multiplier(t, 10, 100, 20, 60, 10, clamp)  # noqa: E731
     assert f(0) == 0.0 and f(5) == 0.5                     # warm-up
     assert f(10) == pytest.approx(1.0)                     # (100 - 40 - 10) / 50
     assert f(15) == pytest.approx(45 / 50)                 # (100 - 40 - 15) / 50
-    assert f(20) == pytest.approx(40 / 50)                 # pruning starts
+    assert f(20) == pytest.approx(40 / 50)                 # the window starts
     assert f(25) == pytest.approx(35 / 50)                 # decays inside an interval...
     assert f(30) == pytest.approx(40 / 50)                 # ...rewound at the next mask update
     assert f(59) == pytest.approx(31 / 50)
-    assert f(60) == pytest.approx(40 / 50)                 # pruning ended: decay restarts from there
+    assert f(60) == pytest.approx(40 / 50)                 # the window ended: decay restarts from there
     assert f(80) == pytest.approx(20 / 50)
     assert f(100) == 0.0
+    # a window that starts at 0 rewinds above the peak (the reference does not clamp)
+    g = lambda t, clamp=False: rewinding_lr_multiplier(t, 10, 100, 0, 40, 10, clamp)  # noqa: E731
+    assert g(10) == pytest.approx(60 / 50) and g(10, clamp=True) == 1.0
 
 
-def test_lr_lambda_without_rewind_is_linear():
+def test_lr_lambda_follows_the_recipe_options():
     sched = ScheduleConfig(begin_pruning_step=20, end_pruning_step=60, pruning_frequency=10,
                            policy_begin_step=20, policy_end_step=50)
-    plain = make_lr_lambda(sched, 10, 100, lr_rewind=False)
-    rewind = make_lr_lambda(sched, 10, 100, lr_rewind=True)
+    plain = make_lr_lambda(PruningConfig(schedule=sched, lr_rewind=False), 10, 100)
+    policy = make_lr_lambda(PruningConfig(schedule=sched, lr_rewind=True), 10, 100)
+    window = make_lr_lambda(PruningConfig(schedule=sched, lr_rewind=True, lr_rewind_window="pruning"), 10, 100)
     assert plain(55) == pytest.approx(45 / 90)
-    assert rewind(55) == pytest.approx((60 - 25) / 50)
+    assert policy(55) == pytest.approx((100 - 55) / (70 - 10))  # after the policy window [20, 50)
+    assert window(55) == pytest.approx((60 - 25) / 50)
+
+
+def test_rewind_options_without_rewinding_are_refused():
+    with pytest.raises(ValueError, match="pruning.lr_rewind is false"):
+        PruningConfig(lr_rewind=False, lr_rewind_clamp=True)

@@ -62,8 +62,8 @@ def test_lr_rewinding_comes_from_the_pruning_recipe():
     no_rewind = make_lr_fn(cfg, PruningConfig(schedule=schedule, lr_rewind=False))
     rewind = make_lr_fn(cfg, PruningConfig(schedule=schedule, lr_rewind=True))
     assert [no_rewind(s) for s in (0, 30, 70)] == [plain(s) for s in (0, 30, 70)]
-    # after pruning ends the rewound schedule restarts higher than the plain decay
-    assert rewind(61) > plain(61)
+    # after the policy window the rewound schedule restarts higher than the plain decay
+    assert rewind(41) > plain(41)
     assert rewind(99) > 0 and rewind(100) == pytest.approx(0.0)
 
 
@@ -94,6 +94,15 @@ def test_unknown_model_names_the_key(tmp_path):
         resolve_model_config(ModelConfig(name=missing), vocab_size=100)
     with pytest.raises(ValueError, match="cannot load"):
         load_pretraining_model(missing)
+
+
+def test_a_model_folder_that_is_not_bert_is_refused_before_training(tmp_path):
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(folder)
+    with pytest.raises(ValueError, match="is a 'gpt2' checkpoint, not one of \\['bert', 'distilbert'\\]"):
+        resolve_model_config(ModelConfig(name=str(folder)), vocab_size=100)
 
 
 def test_a_model_smaller_than_the_tokenizer_is_refused(tmp_path):

@@ -74,6 +74,7 @@ class Trainer:
         """What the next step draws and computes: RNG draws, masks, LR, the data position."""
         self.pruning.on_step_begin(self.step)
         draws = (torch.rand(3).tolist(), random.random(), float(np.random.rand()))
+        self.pruning.before_step()
         with torch.no_grad():
             for p in self.model.parameters():
                 p.add_(torch.randn_like(p) * 0.01)
@@ -107,7 +108,8 @@ def _train(layout: RunLayout, rank: int, world: int) -> tuple[list[tuple], list[
 def test_every_part_round_trips_and_continues_identically(tmp_path) -> None:
     reference, resumed, second = _train(RunLayout.open(str(tmp_path)), 0, 1)
     assert all(_same(a, b) for a, b in zip(reference, resumed))
-    assert second.pruning.last_update_step == 4 and second.pruning.masks  # the schedule went on from where it was
+    # the schedule went on from where it was (schedule step 4: computed before update 6)
+    assert second.pruning.last_update_step == 5 and second.pruning.masks
 
 
 def _free_port() -> int:
@@ -140,7 +142,10 @@ def test_two_ranks_save_their_own_parts_and_restore_them(tmp_path) -> None:
     assert {f"{DS_TAG}/zero_pp_rank_0_mp_rank_00_optim_states.pt", f"{DS_TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
     assert all(len(info["sha256"]) == 64 for info in manifest["files"].values())
     with safe_open(os.path.join(step, "pruning.safetensors"), framework="pt") as f:  # tensors without pickle
-        assert all(k.startswith("masks/") for k in f.keys())
+        keys = set(f.keys())  # masks, and the stored values of a model without a master copy (this toy)
+        assert all(k.startswith(("masks/", "stored/")) for k in keys)
+        names = {prefix: {k.split("/", 1)[1] for k in keys if k.startswith(prefix)} for prefix in ("masks/", "stored/")}
+        assert names["masks/"] and names["stored/"] == names["masks/"]
 
 
 def _saved(layout: RunLayout, steps: list[int], keep: int = 10, warn: Optional[list] = None) -> Trainer:

@@ -80,7 +80,14 @@ def test_a_crashed_stage_resumes_on_another_worker_count(base, tmp_path_factory,
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-4), step
         assert got[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-12), step  # the LR schedule went on
     final, expected = checkpoint_masks(resumed.run, 6), checkpoint_masks(reference.run, 6)
-    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+    # Another worker count sums the gradients in another order (losses agree to ~1e-5, not bit for bit), and
+    # the last mask update (schedule step 4, after the resume) ranks the stored values of pruned weights, many
+    # of them near the threshold: a few entries may fall on the other side (ZeRO-3 2 -> 1: 28 of 69,632).
+    # Every layer keeps exactly its count.
+    assert final.keys() == expected.keys()
+    differ = sum(int((final[k] != expected[k]).sum()) for k in final)
+    assert differ <= 1e-3 * sum(m.numel() for m in final.values()), differ
+    assert all(int(final[k].sum()) == int(expected[k].sum()) for k in final)
     manifest = json.load(open(f"{resumed.run.checkpoint_step(CRASH_AT)}/MANIFEST.json"))
     assert any(n.startswith(UNIVERSAL + "/") for n in manifest["files"])  # converted once, committed with it
     assert json.load(open(f"{resumed.run.checkpoint_step(6)}/MANIFEST.json"))["world_size"] == after

@@ -187,6 +187,8 @@ class FinetuneWorker(BaseWorker):
         if self.pruning is not None:
             self.pruning.apply()
         full = gather_full_state(self.engine)
+        if self.pruning is not None:
+            full = self.pruning.masked(full)  # the locked pattern, exactly zero in the export
         report: dict[str, Any] = {}
         if self.is_rank0:
             report = export_model(full, self.model_config, self.spec.data.tokenizer, self.run.model,

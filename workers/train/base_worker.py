@@ -85,8 +85,9 @@ class BaseWorker:
         if self.spec.pruning is not None:
             from workers.deepspeed_masks import DeepSpeedMaskEnforcer  # DeepSpeed-side mask enforcement
 
+            keep = self.spec.pruning.pruned_weights == "keep"
             self.pruning = PruningCallback(self.engine.module, self.spec.pruning,
-                                           enforcer=DeepSpeedMaskEnforcer(self.engine))
+                                           enforcer=DeepSpeedMaskEnforcer(self.engine, keep=keep))
         torch.manual_seed(self.seed * 1000 + self.rank)  # dropout differs per rank; restored on resume
         cursor = ValuePart(lambda: self.cursor.to_dict(), self._load_cursor)
         shared = {"train_state": ValuePart(self._train_state, self._load_train_state),
@@ -188,8 +189,7 @@ class BaseWorker:
     # -- training ------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
-        if self.pruning is not None:
-            self.pruning.on_step_begin(self.step)
+        masks_changed = self.pruning is not None and self.pruning.on_step_begin(self.step)
         lr = self.lr_fn(self.step)
         set_learning_rate(self.engine, lr)
         sums: Optional[torch.Tensor] = None
@@ -197,11 +197,13 @@ class BaseWorker:
         targets = maskable = 0
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.step_batches()]
         norm = self.step_norm(batches)
-        for batch in batches:
+        for micro, batch in enumerate(batches):
             t, m = self.mlm_counts(batch)
             targets, maskable = targets + t, maskable + m
             loss, parts = self.forward_loss(batch, norm)
             self.engine.backward(loss)
+            if self.pruning is not None and micro == len(batches) - 1:
+                self.pruning.before_step()  # the optimizer update happens in this engine.step()
             self.engine.step()
             names = list(parts)
             values = torch.stack([p.detach().float().cpu() for p in parts.values()]).double()
@@ -223,6 +225,8 @@ class BaseWorker:
         metrics.update({"lr": lr, "throughput/samples_per_s": self.cfg.global_batch_size / max(elapsed, 1e-9),
                         "epoch": float(self.cursor.epoch), **data_metrics,
                         MASKED_FRACTION: total_targets / total_maskable if total_maskable else 0.0})
+        if masks_changed:  # logged at the step whose forward first used the new masks
+            metrics.update(self.pruning.update_metrics())
         return metrics
 
     # -- checkpoints ---------------------------------------------------------------------------

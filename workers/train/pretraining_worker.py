@@ -85,10 +85,12 @@ class PretrainingWorker(BaseWorker):
         out = self.engine(**inputs)
         if self.teacher is None:
             total, mlm, nsp = pretraining_loss(out, batch, norm)
-            return total, {"loss": total, "loss/mlm": mlm, "loss/nsp": nsp}
+            return total, {"loss": total, "loss/ce_mlm": mlm, "loss/ce_nsp": nsp}
         t_out = teacher_logits(self.teacher, inputs)
         dl = distillation_loss("pretraining", out, t_out, batch, self.spec.distillation, norm)
-        return dl.total, {"loss": dl.total, "loss/hard": dl.hard, "loss/kd": dl.kd}
+        # each head's term, so a user can recombine `loss` from them (0.5 * (ce_mlm + ce_nsp) + 0.5 * (kd_mlm + kd_nsp))
+        return dl.total, {"loss": dl.total, "loss/hard": dl.hard, "loss/kd": dl.kd,
+                          **{f"loss/{k}": v for k, v in dl.terms.items()}}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -111,6 +113,8 @@ class PretrainingWorker(BaseWorker):
         if self.pruning is not None:
             self.pruning.apply()  # training may end between mask updates
         full = gather_full_state(self.engine)
+        if self.pruning is not None:
+            full = self.pruning.masked(full)  # under keep the fp32 values are the stored ones: exact zeros out
         report: dict[str, Any] = {}
         if self.is_rank0:
             report = export_model(full, self.model_config, self.layout.path(self.inputs.record.tokenizer),
