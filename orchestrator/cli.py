@@ -8,6 +8,7 @@
     pofa status [RUN_DIR]          where a run stands, read from its directory (default: the newest in ./runs)
     pofa runs [--root runs]        every run under ./runs, a line each
     pofa status|logs|stop JOB [--address ...]
+    pofa doctor [--build-ops]      this machine's DeepSpeed ops: cache folder, stale build locks, built ahead or not
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any, Optional, Sequence
 from orchestrator.jobs_cli import JOB_COMMANDS, add_job_commands, run_job_command
 from orchestrator.recipe.load import RecipeError, builtin_recipes, dump_recipe, load_recipe
 from orchestrator.rundir import DEFAULT_ROOT, RunDirError, choose_run_dir
-from workers import preemption
+from workers import native_ops, preemption
+from workers.native_ops import NativeOpsError
 from workers.preemption import Preempted
 from workers.run_layout import RunLayout
 
@@ -56,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                                               "workers here checkpoint and stop; waits until they did")
     pre.add_argument("--wait", type=float, default=50.0, help="seconds to wait for them at most")
     pre.add_argument("--whole-cluster", action="store_true", help="the head is going: every run on the cluster stops")
+    doctor = sub.add_parser("doctor", help="check this machine's DeepSpeed ops: their cache folder, stale build "
+                                           "locks (removed), and whether loading them would compile")
+    doctor.add_argument("--build-ops", action="store_true",
+                        help="build them ahead (`make install` and the images do), so no run compiles them")
     add_job_commands(sub)
     return p
 
@@ -69,12 +75,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "preempt-node":
             return _preempt_node(args.wait, args.whole_cluster)
+        if args.command == "doctor":
+            return _doctor(args.build_ops)
         if args.command == "recipes":
             recipes = builtin_recipes()
             width = max(map(len, recipes)) + 2
             for name, desc in recipes.items():
                 print(f"{name:{width}s}{desc}")
             return 0
+        if args.command == "run":
+            native_ops.check_cache()  # this process and all it starts build DeepSpeed's ops one way, in one folder
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
             print(dump_recipe(recipe), end="")
@@ -93,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BaseException as exc:
         if getattr(exc, "pofa_reported", False):  # the console named the stage, the error and its log
             return 1
-        if isinstance(exc, (RecipeError, RunDirError, ValueError)):
+        if isinstance(exc, (RecipeError, RunDirError, ValueError, NativeOpsError)):
             print(f"pofa: error: {exc}", file=sys.stderr)
             return 2
         raise
@@ -156,6 +166,22 @@ def _preempt_node(wait_s: float, whole_cluster: bool) -> int:
     print(f"pofa: preemption notice given to {'the cluster' if whole_cluster else 'node ' + node}; training workers "
           f"here {'stopped' if stopped else f'still running after {wait_s:g} s'}")
     return 0
+
+
+def _doctor(build: bool) -> int:
+    """Exit 0 when loading every op compiles nothing, 1 when one would be built at first use, 2 on an error."""
+    folder = native_ops.check_cache()
+    print(f"DeepSpeed ops folder: {folder} (root {native_ops.cache_root()[1]})")
+    print(f"toolchain: {native_ops.toolchain().describe()}")
+    native_ops.clear_stale_locks(say=print)
+    if build:
+        for op in native_ops.build_ops(say=print):
+            print(f"{op.name}: {'built' if op.compiled else 'already built'} ({op.seconds:.1f} s)")
+    pending = native_ops.pending_commands()
+    for name, commands in pending.items():
+        print(f"{name}: ready, loading it compiles nothing" if not commands else
+              f"{name}: not built, loading it would run {len(commands)} build commands (`pofa doctor --build-ops`)")
+    return 1 if any(pending.values()) else 0
 
 
 def _print_plan(recipe: Any, run_dir: str, stages: list[str], force: bool, redo: list[str]) -> int:

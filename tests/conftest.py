@@ -6,6 +6,12 @@ import os
 import pytest
 
 from pipelines.data.paths import resolve_source_path
+from workers import native_ops
+
+# pofa's DeepSpeed build settings and ops folder for the test process and every process it starts
+# (subprocesses, local Ray workers): the same as the CLI's, so the ops `make install` built are the ones
+# the tests load, and no test rebuilds them with other settings.
+native_ops.configure()
 
 GENSIM_WIKI = "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 GENSIM_POLARITY = "pkg://gensim/test/test_data/pang_lee_polarity.cor"

@@ -284,6 +284,31 @@ def test_dockerfile_pins_everything(flavor: str) -> None:
     assert df.args("USER") and df.args("USER")[-1] not in ("root", "0"), f"{path.name}: runs as root"
 
 
+@pytest.mark.parametrize("flavor", sorted(DOCKERFILES))
+def test_dockerfile_builds_deepspeeds_ops_for_the_user_that_loads_them(flavor: str) -> None:
+    """No container compiles an op at its first training step: the image builds them once, after pofa is
+    installed, as its runtime user, into a folder outside $HOME that this user owns (workers/native_ops.py)."""
+    from workers.native_ops import CACHE_ENV
+
+    path = DOCKERFILES[flavor]
+    steps = Dockerfile.read(path).instructions
+    build = [i for i, step in enumerate(steps) if step == ("RUN", "pofa doctor --build-ops")]
+    assert len(build) == 1, f"{path.name}: build DeepSpeed's ops once with `RUN pofa doctor --build-ops`"
+    before, after = steps[:build[0]], steps[build[0] + 1:]
+    assert any(k == "RUN" and re.search(r"pip install -c \S+ \.", a) for k, a in before), \
+        f"{path.name}: the ops are built before pofa is installed"
+    users = [a for k, a in steps if k == "USER"]
+    assert [a for k, a in before if k == "USER"][-1:] == users[-1:], f"{path.name}: built by another user than runs"
+    folders = [m for k, a in before if k == "ENV" for m in re.findall(rf"\b{CACHE_ENV}=(\S+)", a)]
+    assert folders and PurePosixPath(folders[-1]).is_absolute() and not folders[-1].startswith("/home"), \
+        f"{path.name}: set {CACHE_ENV} to a folder outside $HOME before building the ops"
+    chowns = [cmd.split() for k, a in before if k == "RUN" for cmd in re.split(r"&&|;", a)]
+    assert any(c[:2] == ["chown", f"{users[-1]}:{users[-1]}"] and folders[-1] in c for c in chowns), \
+        f"{path.name}: {folders[-1]} must belong to {users[-1]}, who loads (and may rebuild) the ops"
+    # what names the ops' folder must not change between the build and the containers that load them
+    assert not [a for k, a in after if k == "ENV" and re.search(rf"\b({CACHE_ENV}|CXX|PATH)=", a)], path.name
+
+
 def test_both_images_use_the_same_python_and_the_cuda_of_torchs_wheel() -> None:
     cpu, cuda = (Dockerfile.read(DOCKERFILES[f]) for f in ("cpu", "cuda"))
     cpu_python = re.match(r"python:(\d+\.\d+\.\d+)-", cpu.base_images()[0])

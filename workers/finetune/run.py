@@ -6,6 +6,7 @@ import os
 from transformers import AutoConfig
 
 from pipelines.finetune.tasks import get_task
+from workers import native_ops
 from workers.finetune.finetune_worker import finetune_loop
 from workers.finetune.spec import FinetuneSpec
 from workers.train.inputs import saved_vocab
@@ -44,6 +45,7 @@ def finetune_preflight(spec: FinetuneSpec) -> None:
             raise ValueError(f"finetune/{task.name}: the task teacher {teacher!r} has {labels} labels, the task "
                              f"{task.num_labels}: use a teacher fine-tuned on {task.name}")
     check_checkpoint_world(spec)
+    native_ops.check_cache()
     check_resources(spec)
 
 

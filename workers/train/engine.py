@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pipelines.training.config import TrainConfig
+from workers import native_ops
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
@@ -46,7 +47,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, universal: bool = False) -> Any:
-    """deepspeed.initialize over the process group Ray Train already set up (gloo on CPU, nccl on GPU)."""
+    """deepspeed.initialize over the process group Ray Train already set up (gloo on CPU, nccl on GPU).
+    DeepSpeed's native ops are loaded first, under pofa's build lock and settings (workers/native_ops.py):
+    a stale build lock is removed, a build in progress is waited on with a limit, never forever."""
+    native_ops.ensure_ops()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, universal))

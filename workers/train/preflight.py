@@ -8,6 +8,7 @@ from typing import Any
 import ray
 
 from pipelines.models.build import resolve_model_config
+from workers import native_ops
 from workers.stage_outputs import PreprocessOutput, read_output
 from workers.train.inputs import check_shards, collator_settings, load_tokenizer, saved_vocab
 from workers.train.spec import TrainSpec
@@ -101,4 +102,5 @@ def preflight(spec: TrainSpec) -> None:
         resolve_model_config(spec.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     _check_data(spec, record, tokenizer.get_vocab())
     check_checkpoint_world(spec)
+    native_ops.check_cache()
     check_resources(spec)
