@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -77,7 +76,8 @@ from workers.stage_outputs import (FinetuneOutput, PreprocessOutput, TrainingOut
                                    read_output)
 from workers.train.inputs import split_files  # noqa: E402
 
-from tests.bench.fidelity_report import VARIANTS, build_table, goal, log_mlflow, mean_spread  # noqa: E402
+from tests.bench.fidelity_report import (VARIANTS, build_table, goal, log_mlflow, mean_spread, publish,  # noqa: E402
+                                        timing_line)
 
 FINETUNED = ("a", "b", "c", "d")  # the polarity column: the four comparisons the issue asks for
 TASK = "polarity"
@@ -241,24 +241,49 @@ def common_eval(base: Path, models: dict[str, str], eval_rows: int, seed: int = 
     return out
 
 
-# -- main --------------------------------------------------------------------------------------------------
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes and short runs: checks the plumbing")
-    ap.add_argument("--out", default=None, help="output folder (default runs/bench-fidelity[-quick])")
+# -- the students ------------------------------------------------------------------------------------------
+def students_only(out: Path, base: Path, variants: list[str], seeds: list[int], common: list[str],
+                  sets: dict[str, list[str]]) -> None:
+    """The second process of `--jobs 2`: the later seeds' students (no fine-tunes); the first process reads them."""
+    for seed in seeds:
+        for v in variants:
+            run_dir = out / f"{v}-s{seed}"
+            seed_run_dir(base, run_dir)
+            pofa(run_dir, "student", common + sets[v] + [f"student.seed={seed}"], out / "logs" / f"{run_dir.name}.log")
+
+
+def helper_command(script: str, args: argparse.Namespace, out: Path, variants: list[str], settings: dict[str, Any],
+                   extra: tuple[str, ...] = ()) -> Optional[list[str]]:
+    """With `--jobs 2` and more than one seed, `script --students-only` for the later seeds: a pofa run spends
+    part of its time starting, evaluating and exporting on one core, so two runs side by side keep both
+    cores busier. None otherwise."""
+    if args.jobs < 2 or len(settings["seeds"]) < 2:
+        return None
+    return [sys.executable, script, "--students-only", "--out", str(out), "--variants", ",".join(variants),
+            "--seeds", ",".join(str(x) for x in settings["seeds"][1:]), f"--student-steps={settings['student_steps']}",
+            f"--teacher-steps={settings['teacher_steps']}"] + (["--quick"] if args.quick else []) + list(extra)
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The options of both fidelity benches (this one and bench_fidelity_pretrained.py)."""
+    ap.add_argument("--quick", action="store_true", help="small sizes and short runs: checks the plumbing")
+    ap.add_argument("--out", default=None, help="output folder (default runs/<bench>[-quick])")
     ap.add_argument("--variants", default="a,b,c,d")
     ap.add_argument("--seeds", default=None, help="student seeds, comma-separated (default 1,2)")
     ap.add_argument("--student-steps", type=int, default=None)
     ap.add_argument("--teacher-steps", type=int, default=None)
     ap.add_argument("--no-finetune", action="store_true")
-    ap.add_argument("--no-common-eval", action="store_true", help="skip the paired re-evaluation")
     ap.add_argument("--fresh", action="store_true", help="delete the output folder first")
     ap.add_argument("--jobs", type=int, default=2,
                     help="2: the later seeds' students run in a second process beside the first seed's runs")
     ap.add_argument("--students-only", action="store_true", help=argparse.SUPPRESS)  # that second process
-    args = ap.parse_args()
 
-    settings = dict(QUICK if args.quick else DEFAULT)
+
+def resolve_settings(args: argparse.Namespace, bench: str, quick: dict[str, Any], default: dict[str, Any]
+                     ) -> tuple[dict[str, Any], list[str], Path]:
+    """The sizes (`quick` or `default`, with the command line's seeds and steps), the variants, and the output
+    folder `runs/<bench>[-quick]` (made; emptied first with `--fresh`)."""
+    settings = dict(quick if args.quick else default)
     if args.seeds:
         settings["seeds"] = [int(x) for x in args.seeds.split(",")]
     if args.student_steps:
@@ -266,10 +291,72 @@ def main() -> int:
     if args.teacher_steps:
         settings["teacher_steps"] = args.teacher_steps
     variants = [v for v in args.variants.split(",") if v]
-    out = Path(args.out or REPO / "runs" / ("bench-fidelity-quick" if args.quick else "bench-fidelity")).resolve()
-    if args.fresh and out.exists():
+    out = Path(args.out or REPO / "runs" / (f"{bench}-quick" if args.quick else bench)).resolve()
+    if args.fresh and out.exists() and not args.students_only:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    return settings, variants, out
+
+
+def run_students(out: Path, base: Path, variants: list[str], seeds: list[int], common: list[str],
+                 sets: dict[str, list[str]], *, finetuned: tuple[str, ...], labels: dict[str, str],
+                 helper_cmd: Optional[list[str]] = None
+                 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, str], dict[str, float], Optional[list[float]]]:
+    """Every variant x seed in its own run directory seeded from `base`, seed-major so that an interrupted
+    run has every variant's first seed; the first seed of each variant in `finetuned` also fine-tunes (the
+    dense task teacher is trained once, in the first such run, and handed to the others). `helper_cmd`
+    (from `helper_command`) runs the later seeds in a second process beside the first seed's runs.
+    Returns the results per variant (val MLM acc, MLM loss, NSP acc per seed, polarity per fine-tune
+    seed), the exports (the teacher's included), the stage times and the task teacher's polarity."""
+    results: dict[str, dict[str, list[float]]] = {v: {"mlm_acc": [], "mlm_loss": [], "nsp_acc": [], "polarity": []}
+                                                  for v in variants}
+    layout = RunLayout.open(str(base))
+    exports: dict[str, str] = {"teacher": layout.path(read_output(layout, "teacher", TrainingOutput).model)}
+    stage_times: dict[str, float] = {}
+    task_teacher: Optional[str] = None
+    task_teacher_acc: Optional[list[float]] = None
+    helper = subprocess.Popen(helper_cmd, cwd=REPO) if helper_cmd else None
+    for i, seed in enumerate(seeds):
+        if i == 1 and helper is not None and helper.wait() != 0:
+            raise SystemExit(f"bench-fidelity: the second process failed (exit {helper.returncode})")
+        for v in variants:
+            run_dir = out / f"{v}-s{seed}"
+            seed_run_dir(base, run_dir)
+            finetune = i == 0 and v in finetuned
+            extra = [f"student.seed={seed}"]
+            if finetune and task_teacher:
+                extra.append(f"finetune.tasks.0.teacher={task_teacher}")
+            pofa(run_dir, "student,finetune" if finetune else "student", common + sets[v] + extra,
+                 out / "logs" / f"{run_dir.name}.log")
+            rl = RunLayout.open(str(run_dir))
+            m = read_output(rl, "student", TrainingOutput)
+            results[v]["mlm_acc"].append(m.metrics["val/mlm_acc"])
+            results[v]["mlm_loss"].append(m.metrics["val/mlm_loss"])
+            results[v]["nsp_acc"].append(m.metrics["val/nsp_acc"])
+            print(f"    {labels[v]}, seed {seed}: val MLM acc {m.metrics['val/mlm_acc']:.4f}, "
+                  f"loss {m.metrics['val/mlm_loss']:.3f}, NSP acc {m.metrics['val/nsp_acc']:.4f}, "
+                  f"sparsity {m.sparsity}", flush=True)
+            stage_times[f"{run_dir.name}/student"] = load_manifest(rl, "student").wall_time_s
+            exports[f"{v}-s{seed}"] = rl.path(m.model)
+            if finetune:
+                ft = read_output(rl, "finetune", FinetuneOutput).tasks[TASK]
+                summary = task_results(ft)
+                # the finetune stage reports accuracy in percent
+                results[v]["polarity"] = [float(ms["accuracy"]) / 100 for ms in summary["seeds"].values()]
+                stage_times[f"{run_dir.name}/finetune"] = load_manifest(rl, "finetune").wall_time_s
+                if task_teacher is None and ft.teacher is not None:
+                    task_teacher = rl.path(ft.teacher.model)
+                    task_teacher_acc = [float(ft.teacher.metrics["accuracy"]) / 100]
+    return results, exports, stage_times, task_teacher_acc
+
+
+# -- main --------------------------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(ap)
+    ap.add_argument("--no-common-eval", action="store_true", help="skip the paired re-evaluation")
+    args = ap.parse_args()
+    settings, variants, out = resolve_settings(args, "bench-fidelity", QUICK, DEFAULT)
     started = time.time()
     common = base_sets(settings)
     print(f"bench-fidelity: {'quick' if args.quick else 'default'} settings {json.dumps(settings)}", flush=True)
@@ -284,61 +371,15 @@ def main() -> int:
     teacher = read_output(layout, "teacher", TrainingOutput).metrics
     base_acc = baselines(base, settings["eval_batches"] * settings["batch"])
 
-    # 2. + 3. the students, seed-major so that an interrupted run has every variant's first seed
-    results: dict[str, dict[str, list[float]]] = {v: {"mlm_acc": [], "mlm_loss": [], "nsp_acc": [], "polarity": []}
-                                                  for v in variants}
+    # 2. + 3. the students
     sets = {v: variant_sets(v, settings) for v in variants}
-    task_teacher: Optional[str] = None
-    exports: dict[str, str] = {"teacher": layout.path(read_output(layout, "teacher", TrainingOutput).model)}
-    stage_times: dict[str, float] = {}
     if args.students_only:  # the second process: its students are read by the first one
-        for seed in settings["seeds"]:
-            for v in variants:
-                run_dir = out / f"{v}-s{seed}"
-                seed_run_dir(base, run_dir)
-                pofa(run_dir, "student", common + sets[v] + [f"student.seed={seed}"], out / "logs" / f"{run_dir.name}.log")
+        students_only(out, base, variants, settings["seeds"], common, sets)
         return 0
-    helper = None
-    if args.jobs > 1 and len(settings["seeds"]) > 1:
-        # A pofa run spends part of its time starting, evaluating and exporting on one core: two runs side
-        # by side keep both cores busier. The first seed's runs (with fine-tunes) stay here.
-        cmd = [sys.executable, __file__, "--students-only", "--out", str(out), "--variants", ",".join(variants),
-               "--seeds", ",".join(str(x) for x in settings["seeds"][1:])]
-        cmd += ["--quick"] if args.quick else []
-        cmd += [f"--student-steps={settings['student_steps']}", f"--teacher-steps={settings['teacher_steps']}"]
-        helper = subprocess.Popen(cmd, cwd=REPO)
-    for i, seed in enumerate(settings["seeds"]):
-        if i == 1 and helper is not None and helper.wait() != 0:
-            raise SystemExit(f"bench-fidelity: the second process failed (exit {helper.returncode})")
-        for v in variants:
-            run_dir = out / f"{v}-s{seed}"
-            seed_run_dir(base, run_dir)
-            finetune = i == 0 and not args.no_finetune and v in FINETUNED
-            extra = [f"student.seed={seed}"]
-            if finetune and task_teacher:
-                extra.append(f"finetune.tasks.0.teacher={task_teacher}")
-            pofa(run_dir, "student,finetune" if finetune else "student", common + sets[v] + extra,
-                 out / "logs" / f"{run_dir.name}.log")
-            rl = RunLayout.open(str(run_dir))
-            m = read_output(rl, "student", TrainingOutput)
-            results[v]["mlm_acc"].append(m.metrics["val/mlm_acc"])
-            results[v]["mlm_loss"].append(m.metrics["val/mlm_loss"])
-            results[v]["nsp_acc"].append(m.metrics["val/nsp_acc"])
-            print(f"    {VARIANTS[v]}, seed {seed}: val MLM acc {m.metrics['val/mlm_acc']:.4f}, "
-                  f"loss {m.metrics['val/mlm_loss']:.3f}, NSP acc {m.metrics['val/nsp_acc']:.4f}, "
-                  f"sparsity {m.sparsity}", flush=True)
-            stage_times[f"{run_dir.name}/student"] = load_manifest(rl, "student").wall_time_s
-            exports[f"{v}-s{seed}"] = rl.path(m.model)
-            if finetune:
-                ft = read_output(rl, "finetune", FinetuneOutput).tasks[TASK]
-                summary = task_results(ft)
-                # the finetune stage reports accuracy in percent
-                results[v]["polarity"] = [float(ms["accuracy"]) / 100 for ms in summary["seeds"].values()]
-                stage_times[f"{run_dir.name}/finetune"] = load_manifest(rl, "finetune").wall_time_s
-                if task_teacher is None and ft.teacher is not None:
-                    task_teacher = rl.path(ft.teacher.model)
-                    results.setdefault("_task_teacher", {})["polarity"] = [float(ft.teacher.metrics["accuracy"]) / 100]
-    task_teacher_acc = results.pop("_task_teacher", {}).get("polarity")
+    helper = helper_command(__file__, args, out, variants, settings)
+    results, exports, stage_times, task_teacher_acc = run_students(
+        out, base, variants, settings["seeds"], common, sets, finetuned=() if args.no_finetune else FINETUNED,
+        labels=VARIANTS, helper_cmd=helper)
     paired: dict[str, dict[str, float]] = {}
     if not args.no_common_eval:
         print("bench-fidelity: every export on the same validation masks ...", flush=True)
@@ -346,7 +387,6 @@ def main() -> int:
     for stage in ("preprocess", "teacher"):
         stage_times[f"base/{stage}"] = load_manifest(layout, stage).wall_time_s
     wall = time.time() - started
-    load = os.getloadavg()
 
     # the report
     ok_t_mlm = teacher["val/mlm_acc"] >= 2 * base_acc["mlm_acc"]
@@ -398,26 +438,12 @@ def main() -> int:
         lines += ["", "The same check on one set of validation masks (paired): "
                   + ("**met**" if ok_paired else "**not met**")]
         lines += [f"- {v}" for v in verdicts_paired]
-    lines += ["", f"Wall time {wall / 60:.1f} min for this invocation (stage times: "
-              + ", ".join(f"{k} {t:.0f} s" for k, t in stage_times.items())
-              + f"; sum {sum(stage_times.values()) / 60:.1f} min); load average at the end "
-              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} cores."]
-    md = out / "fidelity.md"
-    md.write_text("# bench-fidelity\n\n" + "\n".join(lines) + "\n")
-    (out / "fidelity.json").write_text(json.dumps(
-        {"settings": settings, "teacher": teacher, "baselines": base_acc, "results": results,
-         "task_teacher_polarity": task_teacher_acc, "goal_met": ok, "common_masks": paired, "verdicts": verdicts,
-         "variant_overrides": sets, "common_overrides": common, "stage_times_s": stage_times,
-         "wall_s": wall, "loadavg": load}, indent=2))
-    print()
-    print("\n".join(lines))
-    try:
-        run_id = log_mlflow(out, settings, teacher, base_acc, results, sets, md)
-        print(f"\nMLflow: parent run {run_id} in sqlite:///{out / 'mlflow.db'} "
-              f"(mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'})")
-    except Exception as exc:  # the table is the result; a tracking problem is reported, not fatal
-        print(f"\nMLflow logging failed: {type(exc).__name__}: {exc}")
-    print(f"Markdown: {md}")
+    lines += ["", timing_line(wall, stage_times)]
+    publish(out, "fidelity", lines, {
+        "settings": settings, "teacher": teacher, "baselines": base_acc, "results": results,
+        "task_teacher_polarity": task_teacher_acc, "goal_met": ok, "common_masks": paired, "verdicts": verdicts,
+        "variant_overrides": sets, "common_overrides": common, "stage_times_s": stage_times, "wall_s": wall},
+        lambda md: log_mlflow(out, settings, teacher, base_acc, results, sets, md))
     return 0
 
 
