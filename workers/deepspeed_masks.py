@@ -186,7 +186,10 @@ class DeepSpeedMaskEnforcer:
     def _grad_mask(self, name: str) -> Any:
         def hook(grad: Tensor) -> Tensor:
             full = self._masks[name][2]
-            return grad * full.to(grad.dtype).reshape(grad.shape) if grad.numel() == full.numel() else grad
+            if grad.numel() != full.numel():  # never pass an unmasked gradient on silently
+                raise RuntimeError(f"pruning: the gradient of {name} has {grad.numel()} entries, its mask "
+                                   f"{full.numel()}: this DeepSpeed layout is not supported with pruned_weights=keep")
+            return grad * full.to(grad.dtype).reshape(grad.shape)
         return hook
 
     @torch.no_grad()

@@ -95,7 +95,7 @@ def test_a_killed_build_is_waited_on_while_its_compiler_runs_then_its_lock_is_cl
     build = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, op_dir], stdout=subprocess.PIPE)
     _started(build)
     build.kill()
-    build.wait()
+    build.wait(timeout=30)  # killed just before: ends at once
     lines: list[str] = []
     op = FakeOp()
     native_ops.ensure_ops([op], say=lines.append, wait_s=30)
@@ -121,7 +121,7 @@ def test_a_lock_held_by_a_live_process_is_left_alone_and_waited_on_with_a_limit(
         assert os.path.exists(lock) and op.loads == 0 and holder.poll() is None
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=30)  # killed just before: ends at once
 
 
 def test_a_build_that_ends_within_the_limit_is_waited_for_and_the_load_goes_on(ops_cache):
@@ -136,7 +136,7 @@ def test_a_build_that_ends_within_the_limit_is_waited_for_and_the_load_goes_on(o
         assert not [line for line in lines if "stale" in line]  # its builder removed it, not us
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=30)  # killed just before: ends at once
 
 
 def test_doctor_removes_a_stale_lock_and_reports_a_live_one_without_waiting(ops_cache):
@@ -154,7 +154,7 @@ def test_doctor_removes_a_stale_lock_and_reports_a_live_one_without_waiting(ops_
         assert os.path.exists(live) and not os.path.exists(stale)
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=30)  # killed just before: ends at once
 
 
 def test_an_unusable_cache_folder_is_an_error_naming_the_folder_and_its_setting(ops_cache, tmp_path, monkeypatch,
