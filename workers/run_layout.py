@@ -106,6 +106,7 @@ class RunLayout:
     mlflow_db = _At("mlflow.db")
     mlflow_artifacts = _At("mlartifacts")
     logs = _At("logs")
+    ray_instance = _At(".ray-instance.json")  # the local Ray instance a run started (orchestrator/ray_leftovers.py)
     tokenizer = _At("preprocess", "tokenizer")
     report = _At("report", "README.md")
     inference_report = _At("report", "inference.json")  # CPU speed and sizes of every export (report stage)

@@ -35,6 +35,12 @@ class RayConfig(BaseModel):
     # On SIGTERM (a pod eviction, a spot reclaim) a training stage checkpoints its current step and
     # stops within this many seconds; keep it below the pods' terminationGracePeriodSeconds.
     preemption_grace_s: float = Field(default=25.0, gt=0)
+    # A training worker or preprocess processor with no progress (no step, no phase, no log line) for
+    # this long records its stacks in the stage's log folder and is stopped, and the attempt is retried
+    # (workers/stall_watchdog.py). The default covers the slowest honest phase measured so far (a
+    # BERT-Large start-up on a busy node, a checkpoint to an object store) many times over; a rerun
+    # refuses a value below a start-up this run has measured.
+    stall_timeout_s: float = Field(default=1800.0, ge=10)
 
 
 class StudentConfig(TrainConfig):

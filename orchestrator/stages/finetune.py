@@ -126,6 +126,7 @@ class FinetuneStage:
                             seed=seed, teacher_dir=teacher_dir, lock_pattern=ft.lock_pattern,
                             qat=ft.qat and role == "student", distillation=ft.distillation, tracker=tracker,
                             resource_wait_s=ctx.recipe.ray.resource_wait_s,
+                            stall_timeout_s=ctx.recipe.ray.stall_timeout_s,
                             log_dir=os.path.join(ctx.log_dir, f"{task.name}-{name}") if ctx.log_dir else None)
         try:
             result = run_finetune(spec)

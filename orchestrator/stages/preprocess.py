@@ -48,5 +48,5 @@ class PreprocessStage:
         progress = (functools.partial(ctx.console.report, self.name, render=source_progress_line)
                     if ctx.console is not None else None)
         stats, outputs, record = run_preprocess(ctx.recipe.preprocess, ctx.recipe.seed, ctx.layout, ctx.log_dir,
-                                                on_progress=progress)
+                                                on_progress=progress, stall_timeout_s=ctx.recipe.ray.stall_timeout_s)
         return StageResult(stats, outputs, record)

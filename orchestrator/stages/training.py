@@ -48,7 +48,8 @@ class TeacherStage:
 
         spec = TrainSpec(stage="teacher", layout=ctx.layout, train=ctx.recipe.teacher, model=ctx.recipe.model,
                          seed=ctx.recipe.seed, tracker=ctx.worker_tracker(self.name),
-                         resource_wait_s=ctx.recipe.ray.resource_wait_s, log_dir=ctx.log_dir)
+                         resource_wait_s=ctx.recipe.ray.resource_wait_s,
+                         stall_timeout_s=ctx.recipe.ray.stall_timeout_s, log_dir=ctx.log_dir)
         return _result(ctx, self.name, spec)
 
 
@@ -70,5 +71,6 @@ class StudentStage:
                          init_dir=ctx.layout.path(teacher.model), pruning=section.pruning,
                          distillation=section.distillation, seed=ctx.recipe.seed,
                          tracker=ctx.worker_tracker(self.name),
-                         resource_wait_s=ctx.recipe.ray.resource_wait_s, log_dir=ctx.log_dir)
+                         resource_wait_s=ctx.recipe.ray.resource_wait_s,
+                         stall_timeout_s=ctx.recipe.ray.stall_timeout_s, log_dir=ctx.log_dir)
         return _result(ctx, self.name, spec)

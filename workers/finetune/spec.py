@@ -41,6 +41,7 @@ class FinetuneSpec:
     progress: bool = True
     log_dir: Optional[str] = None  # each worker's stdout/stderr go to <log_dir>/worker-<rank>.log
     resource_wait_s: float = 0.0  # wait this long for the cluster to hold the workers (ray.resource_wait_s)
+    stall_timeout_s: float = 1800.0  # a worker without progress this long is stopped (ray.stall_timeout_s)
     fault: Optional[FaultInjection] = None
     resume_universal: bool = False
     elastic: bool = False  # a data cursor per worker: resumes on the same number of workers only

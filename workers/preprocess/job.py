@@ -97,10 +97,12 @@ class SourceProgress:
 
 
 def run_preprocess(cfg: PreprocessConfig, seed: int, layout: RunLayout, log_dir: Optional[str] = None,
-                   on_progress: Optional[Progress] = None) -> tuple[dict[str, Any], dict[str, str], PreprocessOutput]:
+                   on_progress: Optional[Progress] = None, stall_timeout_s: Optional[float] = None
+                   ) -> tuple[dict[str, Any], dict[str, str], PreprocessOutput]:
     """Run the stage; returns (manifest statistics, output files relative to the stage folder -> sha256,
     the typed output record the training stages read). `log_dir`: each processor's output goes there;
-    `on_progress` hears of every finished shard."""
+    `on_progress` hears of every finished shard; `stall_timeout_s`: a processor stuck that long on a
+    shard leaves its stacks in `log_dir` and is restarted (workers/stall_watchdog.py)."""
     prepare_tokenizer(cfg, layout)
     tokenizer = load_tokenizer(layout.tokenizer)
     cfg_json = cfg.model_dump_json()
@@ -116,7 +118,8 @@ def run_preprocess(cfg: PreprocessConfig, seed: int, layout: RunLayout, log_dir:
                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=max(1, min(len(units), cfg.num_workers))))
     ds = ds.map_batches(ShardProcessor, batch_size=1, batch_format="pyarrow",
                         fn_constructor_kwargs={"cfg_json": cfg_json, "seed": seed, "layout": layout,
-                                              "encoder": EncoderSpec.of(tokenizer), "log_dir": log_dir},
+                                              "encoder": EncoderSpec.of(tokenizer), "log_dir": log_dir,
+                                              "stall_timeout_s": stall_timeout_s},
                         # one shard running and the next one waiting on each processor: the last shards
                         # go to whichever processor is free, not to a queue decided early
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_workers, max_tasks_in_flight_per_actor=2),

@@ -16,6 +16,7 @@ from pipelines.data.tokenizer import EncoderSpec
 from pipelines.atomic import file_sha256, write_json_atomic, write_parquet_atomic
 from workers.log_files import OutputRedirect, worker_log
 from workers.run_layout import RunLayout
+from workers.stall_watchdog import StallWatchdog
 
 logger = logging.getLogger("pofa.preprocess")
 
@@ -78,10 +79,16 @@ class ShardProcessor:
     """
 
     def __init__(self, cfg_json: str, seed: int, layout: RunLayout, encoder: Optional[EncoderSpec] = None,
-                 log_dir: Optional[str] = None):
+                 log_dir: Optional[str] = None, stall_timeout_s: Optional[float] = None):
         # the actor lives for this stage only: its output goes to the stage's log folder until it ends
-        if log_dir:
-            OutputRedirect().switch(worker_log(log_dir, f"processor-{os.getpid()}"))
+        log = worker_log(log_dir, f"processor-{os.getpid()}")
+        if log:
+            OutputRedirect().switch(log)
+        # a shard that makes no progress for stall_timeout_s: stacks to the log folder, the actor is
+        # stopped, and Ray Data restarts it and retries the shard (waiting for shards is not watched)
+        self.watchdog = (StallWatchdog(f"preprocess processor-{os.getpid()}", stall_timeout_s,
+                                       log_dir or layout.stage_dir("preprocess"), log_path=log).start()
+                         if stall_timeout_s else None)
         os.environ.update(_PROCESSOR_ENV)  # read by `tokenizers` when it first encodes
         self.cfg = PreprocessConfig.model_validate_json(cfg_json)
         self.seed = seed
@@ -94,6 +101,8 @@ class ShardProcessor:
         # The driver sends its tokenizer whole: a worker imports no `transformers` (and with it torch), which
         # takes seconds of a CPU it shares, and fetches nothing before it starts.
         self.tokenizer = encoder.load()
+        if self.watchdog is not None:
+            self.watchdog.idle()  # ready: waiting for the first shard
 
     def _finished(self, record_path: str) -> dict | None:
         """The completion record of a shard whose files are all there with their recorded hashes; a
@@ -114,11 +123,17 @@ class ShardProcessor:
         return record
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        results = [self._one(row) for row in batch.to_pylist()]
+        try:
+            results = [self._one(row) for row in batch.to_pylist()]
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.idle()
         return pa.table({"shard_id": [r["shard_id"] for r in results], "result": [json.dumps(r) for r in results]})
 
     def _one(self, row: dict) -> dict:
         sid = row["shard_id"]
+        if self.watchdog is not None:
+            self.watchdog.beat(f"shard {sid}")
         record_path = self.layout.shard_record(sid)
         if not os.path.exists(record_path):
             self.layout.pull(record_path)  # done by an earlier attempt on another node?

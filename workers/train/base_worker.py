@@ -25,6 +25,7 @@ from pipelines.sparsity.callback import PruningCallback
 from workers import preemption
 from workers.jsonl import read_jsonl
 from workers.log_files import output_to, worker_log
+from workers.stall_watchdog import StallWatchdog, stall_folder
 from workers.train.checkpoint_parts import EnginePart, LRPosition, RNGState, ValuePart
 from workers.train.checkpointer import Checkpointer
 from workers.train.context import SafeTracker, all_reduce_sum, barrier, gather
@@ -178,8 +179,10 @@ class BaseWorker:
             read_jsonl(self.run.metrics)  # a torn last line (a kill mid-write, a full disk) is cut before appending
             read_jsonl(self.run.attempts)
             with open(self.run.attempts, "a") as f:
+                # startup_s: worker start to resumed, the figure a rerun's stall_timeout_s is checked against
                 f.write(json.dumps({"start_step": self.step, "checkpoint": self.last_checkpoint, "time": time.time(),
-                                    "nodes": nodes}) + "\n")
+                                    "nodes": nodes, "startup_s": round(time.perf_counter() - self._started, 1)})
+                        + "\n")
             attempts = len(read_jsonl(self.run.attempts))
             # the latest attempt's start; attempts > 1 means a restart (worker failure or rerun)
             self.tracker.tags({f"{self.run.name}.start_step": str(self.step),
@@ -259,10 +262,15 @@ class BaseWorker:
 def _check_fault(spec: Any, rank: int, step: int) -> None:
     fault = spec.fault
     if fault is not None and fault.rank == rank and fault.step == step and not os.path.exists(fault.marker):
-        with open(fault.marker, "w") as f:
-            f.write(str(step))
+        if fault.once:
+            with open(fault.marker, "w") as f:
+                f.write(str(step))
         if fault.kind == "stall":
-            time.sleep(3600)
+            import threading
+
+            lock = threading.Lock()
+            lock.acquire()
+            lock.acquire()  # nobody releases it: a real hang, as a stale lock or a lost peer would be
         raise RuntimeError(f"injected fault at step {step} on rank {rank}")
 
 
@@ -270,39 +278,51 @@ def run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spec
     """The loop every training stage runs on each Ray Train worker: resume, train with periodic
     evaluation and checkpoints, export, and (rank 0) write the attempt's summary."""
     ctx = ray.train.get_context()
-    # everything this worker prints (Ray Train, DeepSpeed, transformers, warnings) goes to its log file
-    with output_to(worker_log(getattr(spec, "log_dir", None), f"worker-{ctx.get_world_rank()}")):
-        _run_worker(make_worker, spec, ctx)
+    rank = ctx.get_world_rank()
+    # everything this worker prints (Ray Train, DeepSpeed, transformers, warnings) goes to its log file;
+    # a worker without progress for stall_timeout_s leaves its stacks beside it and is stopped
+    with output_to(worker_log(getattr(spec, "log_dir", None), f"worker-{rank}")) as log, \
+            StallWatchdog(f"{spec.run.name} worker-{rank}", spec.stall_timeout_s, stall_folder(spec),
+                          log_path=log) as watchdog:
+        _run_worker(make_worker, spec, ctx, watchdog)
 
 
-def _run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spec: Any, ctx: Any) -> None:
+def _run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spec: Any, ctx: Any,
+                watchdog: StallWatchdog) -> None:
     started = time.time()
+    watchdog.beat("starting: building the model and the DeepSpeed engine")
     worker = make_worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     worker.timings["worker_init_s"] = time.perf_counter() - worker._started
     # wall-clock marks of the start-up, for `make bench-train`'s breakdown of where it goes
     worker.timings.update(entered_at=started, built_at=time.time())
     cfg = spec.train
+    watchdog.beat("starting: loading the newest checkpoint")
     start_step = worker.resume()
     worker.timings["resumed_at"] = time.time()
     progress = Progress(worker.run.name, cfg.max_steps, start_step, spec.progress and worker.is_rank0)
     preempted = False
     while worker.step < cfg.max_steps:
+        watchdog.beat(f"step {worker.step + 1}")
         _check_fault(spec, worker.rank, worker.step)
         metrics = worker.train_step()
         step = worker.step
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            watchdog.beat(f"evaluating after step {step}")
             metrics.update(worker.evaluate())
         worker.tracker.log(metrics, step)
         worker.last_metrics.update(metrics)
         progress.update(metrics)
         preempted = worker.preempt_requested
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or preempted:
+            watchdog.beat(f"checkpointing step {step}")
             worker.save_checkpoint(metrics)
         if preempted:  # the step is committed: end this attempt; a rerun resumes from it
             break
     progress.close()
+    watchdog.beat("exporting the model")
     report = {} if preempted else worker.export()
     extra = {} if preempted else worker.summary_extra()  # may be collective
+    watchdog.beat("writing the summary")
     if worker.is_rank0:
         summary = {"stage": worker.run.name, "final_step": worker.step, "max_steps": cfg.max_steps,
                    "preempted": preempted,

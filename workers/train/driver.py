@@ -12,6 +12,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from workers import preemption
 from workers.console_lines import say
 from workers.jsonl import read_jsonl
+from workers.stall_watchdog import StallError, StallRecord, read_records, stall_folder
 from workers.train.elastic import prepare_resume
 from workers.train.pretraining_worker import train_loop
 from workers.train.preflight import preflight
@@ -63,10 +64,14 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
     delay, started = cfg.retry_backoff_s, time.time()
     while True:
         newest = _newest_step(spec)
+        began, stalls = time.time(), []
         try:
             prepare_resume(spec)  # another worker count than the newest checkpoint's: its universal form
             with preemption.graceful_stage():
-                build_trainer(spec, loop).fit()
+                try:
+                    build_trainer(spec, loop).fit()
+                finally:
+                    stalls = _report_stalls(spec, began)
             summary = _read_summary(spec)
             if not summary.get("preempted"):
                 return
@@ -78,6 +83,9 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
         except TrainingFailedError as exc:
             step = _newest_step(spec)
             if cfg.max_failures == 0 or step <= newest:  # no restarts wanted, or max_failures got nowhere
+                if stalls:
+                    raise StallError(f"{spec.run.name}: stopped by the stall watchdog and not moved forward by "
+                                     f"its retries: " + "; ".join(r.line() for r in stalls)) from exc
                 raise
             say(f"[{spec.run.name}] attempts failed ({_first_line(exc)}) after reaching step {step}; "
                 f"retrying from it in {delay:g} s")
@@ -86,6 +94,14 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
 
 
 MAX_BACKOFF_S = 300.0
+
+
+def _report_stalls(spec: Any, since: float) -> list[StallRecord]:
+    """One console line per worker the stall watchdog stopped during this fit (Ray Train restarted them)."""
+    stalls = read_records(stall_folder(spec), since)
+    for record in stalls:
+        say(f"[{spec.run.name}] stalled: {record.line()}; that attempt was stopped and is retried")
+    return stalls
 
 
 def _read_summary(spec: Any) -> dict[str, Any]:

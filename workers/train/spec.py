@@ -17,12 +17,14 @@ Stage = Literal["teacher", "student"]
 @dataclass(frozen=True)
 class FaultInjection:
     """Test hook: once (the marker file remembers), rank `rank` fails when it reaches optimizer step
-    `step`: "raise" an error (a worker failure) or "stall" (so a test can kill the driver there)."""
+    `step`: "raise" an error (a worker failure) or "stall": block forever on a lock (a real hang, for
+    the stall watchdog, or so a test can kill the driver there)."""
 
     step: int
     marker: str
     rank: int = 0
     kind: Literal["raise", "stall"] = "raise"
+    once: bool = True  # False: on every attempt (no marker written)
 
 
 def check_tracker(tracker: Any) -> None:
@@ -51,6 +53,7 @@ class TrainSpec:
     progress: bool = True  # rank 0 writes a progress line to its log every 5% of the steps
     log_dir: Optional[str] = None  # each worker's stdout/stderr go to <log_dir>/worker-<rank>.log
     resource_wait_s: float = 0.0  # wait this long for the cluster to hold the workers (ray.resource_wait_s)
+    stall_timeout_s: float = 1800.0  # a worker without progress this long is stopped (ray.stall_timeout_s)
     fault: Optional[FaultInjection] = None
     # Set by the driver before each attempt: the newest checkpoint was written by another worker count
     # or ZeRO stage and is loaded from its universal form (workers/train/elastic.py).
