@@ -27,7 +27,7 @@ from orchestrator.rundir import RunDir, RunDirError
 from orchestrator.stages import ORDER, STAGES, StageContext
 from orchestrator.tracking import TrackingSession, flatten_params
 from pipelines.atomic import write_json_atomic
-from pipelines.sparsity.report import report_paths
+from pipelines.sparsity.report_files import report_paths
 from workers import preemption
 from workers.run_layout import RunLayout
 from workers.stage_outputs import StageManifest, load_manifest

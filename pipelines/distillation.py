@@ -19,25 +19,13 @@ from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from pipelines.data.collator import IGNORE_INDEX
+from pipelines.distillation_config import DistillationConfig
 from pipelines.kd_kernel import fused_kd_kl
 from pipelines.models.heads import mlm_logits, nsp_logits
 from pipelines.training.losses import GlobalNorm
-
-
-class DistillationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    hard_weight: float = Field(0.5, ge=0.0)
-    kd_weight: float = Field(0.5, ge=0.0)
-    temperature: float = Field(2.0, gt=0.0)
-    # MLM distillation over every non-padding token (the reference) or only the masked ones
-    mlm_positions: Literal["tokens", "masked"] = "tokens"
-    # How the MLM and NSP KL terms of pretraining combine: sum (the reference) or mean (pofa before 0.2)
-    mlm_nsp_kd: Literal["sum", "mean"] = "sum"
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from orchestrator.tracking.config import TrackingConfig
 from pipelines.config_keys import operational
 from pipelines.data.config import PreprocessConfig
-from pipelines.distillation import DistillationConfig
+from pipelines.distillation_config import DistillationConfig
 from pipelines.finetune.config import FinetuneConfig
 from pipelines.inference.config import ReportConfig
 from pipelines.models.config import ModelConfig

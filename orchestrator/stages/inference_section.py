@@ -3,14 +3,16 @@ the README's "## Inference" table and the MLflow metrics. The measuring is `pipe
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from orchestrator.recipe.schema import Recipe
 from pipelines.atomic import write_json_atomic
-from pipelines.inference.measure import ModelEntry, inference_report
 from workers.run_layout import RunLayout
 from workers.stage_outputs import FinetuneOutput, StageManifest, TrainingOutput, output_of
 from workers.tracking import Tracker
+
+if TYPE_CHECKING:  # measuring imports torch: only the report stage's run needs it, not `pofa status`
+    from pipelines.inference.measure import ModelEntry
 
 _MB = 1e6
 METRICS = ("latency_ms", "throughput_seq_s", "latency_speedup", "throughput_speedup", "sparsity")
@@ -19,6 +21,8 @@ METRICS = ("latency_ms", "throughput_seq_s", "latency_speedup", "throughput_spee
 def inference_entries(layout: RunLayout, manifests: Mapping[str, StageManifest]) -> list[ModelEntry]:
     """Every export of the run, each with the dense model of the same kind it is compared with: the
     teacher for the student, a task's dense teacher for its seeds and their int8 QAT exports."""
+    from pipelines.inference.measure import ModelEntry
+
     entries = []
     for stage in ("teacher", "student"):
         if stage in manifests:
@@ -49,6 +53,8 @@ def run_inference(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, Sta
     entries = inference_entries(layout, manifests)
     for entry in entries:  # this node's copy of each export (a no-op on local disk)
         layout.pull(entry.folder)
+    from pipelines.inference.measure import inference_report
+
     report = inference_report(entries, cfg)
     for row in report["models"]:
         row["folder"] = layout.rel(row["folder"])

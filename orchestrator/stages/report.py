@@ -15,7 +15,7 @@ from orchestrator.stages.inference_section import render_inference, run_inferenc
 from orchestrator.stages.results_table import results_table, seed_table
 from pipelines.atomic import write_text_atomic
 from pipelines.config_keys import result_defining
-from pipelines.sparsity.report import report_paths
+from pipelines.sparsity.report_files import report_paths
 from workers.run_layout import RunLayout
 from workers.stage_outputs import (FinetuneOutput, ReportOutput, StageManifest, TrainingOutput, load_manifest,
                                    output_of)

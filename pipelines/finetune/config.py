@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.config_keys import operational
 from pipelines.data.paths import resolve_source_path
-from pipelines.distillation import DistillationConfig
+from pipelines.distillation_config import DistillationConfig
 from pipelines.training.config import ScaleConfig, TrainConfig
 
 TASK_NAMES = ("squad", "mnli", "qqp", "qnli", "sst2", "polarity")

@@ -1,15 +1,24 @@
 """Gradual magnitude pruning for Prune Once for All: config, schedules, masks, the training-loop
-callback, the sparsity report and LR rewinding. Pure torch: no Ray, DeepSpeed or MLflow here."""
-from .callback import PruningCallback
-from .config import MaskConfig, PruningConfig, ScheduleConfig
-from .enforcer import MaskEnforcer, TorchMaskEnforcer
-from .masks import compute_masks
-from .report import prunable_weights, sparsity_report, write_report
-from .schedules import is_mask_update_step, target_sparsity
-from .selection import select_parameters, validate_against_model
+callback, the sparsity report and LR rewinding. Pure torch: no Ray, DeepSpeed or MLflow here.
 
-__all__ = [
-    "MaskConfig", "MaskEnforcer", "PruningCallback", "PruningConfig", "ScheduleConfig", "TorchMaskEnforcer",
-    "compute_masks", "is_mask_update_step", "prunable_weights", "select_parameters", "sparsity_report",
-    "target_sparsity", "validate_against_model", "write_report",
-]
+The names below load their module on first use, so that reading a recipe (`pipelines.sparsity.config`:
+the CLI, `pofa plan`) imports no torch."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "PruningCallback": "callback", "MaskConfig": "config", "PruningConfig": "config", "ScheduleConfig": "config",
+    "MaskEnforcer": "enforcer", "TorchMaskEnforcer": "enforcer", "compute_masks": "masks",
+    "prunable_weights": "report", "sparsity_report": "report", "write_report": "report",
+    "is_mask_update_step": "schedules", "target_sparsity": "schedules",
+    "select_parameters": "selection", "validate_against_model": "selection",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from pipelines.sparsity.report_files import report_paths
+
 from .config import MaskConfig, PruningConfig
 from .selection import select_parameters
 
@@ -65,11 +67,6 @@ def sparsity_report(weights: Mapping[str, Tensor], mask: MaskConfig | None = Non
         report["nm"] = [mask.n, mask.m]
         report["pattern_valid"] = all(entry["nm_valid"] for entry in layers)
     return report
-
-
-def report_paths(out_dir: str | os.PathLike, stem: str = "sparsity") -> tuple[Path, Path]:
-    """Where a model folder keeps its sparsity report: `<stem>.json` and `<stem>.png`."""
-    return Path(out_dir) / f"{stem}.json", Path(out_dir) / f"{stem}.png"
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike, stem: str = "sparsity") -> tuple[Path, Path]:

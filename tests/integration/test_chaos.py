@@ -12,7 +12,7 @@ import pytest
 from orchestrator.ray_leftovers import instance_processes
 from tests.chaos import KINDS, Size, committed_checkpoints, differences, run_clean, run_with_faults, schedule
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SEED = 7
 

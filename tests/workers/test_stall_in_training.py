@@ -19,7 +19,7 @@ from workers.stall_watchdog import StallError, read_records
 from workers.train.driver import run_training
 from workers.train.spec import FaultInjection
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STALL_S = 30.0  # above this machine's longest start-up phase under load, far below the default
 

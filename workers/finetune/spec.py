@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from pipelines.distillation import DistillationConfig
+from pipelines.distillation_config import DistillationConfig
 from pipelines.finetune.config import TaskConfig
 from pipelines.sparsity.config import PruningConfig, ScheduleConfig
 from pipelines.training.config import TrainConfig
