@@ -47,6 +47,18 @@ def instance_processes(token: str) -> list[psutil.Process]:
     return found
 
 
+def stop_instance(token: str, grace_s: float = 10.0) -> list[psutil.Process]:
+    """SIGTERM every live process carrying `token`, SIGKILL what is left after `grace_s`; returns them."""
+    procs = instance_processes(token)
+    for p in procs:
+        _signal(p, kill=False)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        _signal(p, kill=True)
+    psutil.wait_procs(alive, timeout=grace_s)
+    return procs
+
+
 def stop_leftovers(record_path: str, say: Callable[[str], None], grace_s: float = 10.0) -> int:
     """Stop what is left of the instance recorded at `record_path` (SIGTERM, then SIGKILL after
     `grace_s`); returns how many processes were found. Nothing is done for a record of another host
@@ -67,12 +79,7 @@ def stop_leftovers(record_path: str, say: Callable[[str], None], grace_s: float 
         names = ", ".join(f"{p.pid} {_name(p)}" for p in procs[:8]) + (" ..." if len(procs) > 8 else "")
         say(f"pofa: {len(procs)} process(es) of this run's previous Ray instance (driver pid {record.get('driver_pid')}, "
             f"gone) still alive: {names}; stopping them")
-        for p in procs:
-            _signal(p, kill=False)
-        _, alive = psutil.wait_procs(procs, timeout=grace_s)
-        for p in alive:
-            _signal(p, kill=True)
-        psutil.wait_procs(alive, timeout=grace_s)
+        stop_instance(str(record["token"]), grace_s)
     try:
         os.remove(record_path)
     except OSError:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from typing import Optional
 
 import ray
 
-from orchestrator.ray_leftovers import mark_instance
+from orchestrator.ray_leftovers import mark_instance, stop_instance
 from orchestrator.recipe.schema import RayConfig
 from workers.preemption import SETUP_HOOK, block_sigterm_for_children
 
@@ -42,16 +43,31 @@ def connect(cfg: RayConfig, log_to_driver: bool = True, instance_record: Optiona
                           "unauthenticated requests that run arbitrary code from anyone who can reach that address")
         # Ray's processes start with SIGTERM blocked: a SIGTERM to the whole process group (a shell's
         # kill, a container stop) reaches the driver alone, which then stops the run in order
-        if instance_record is not None:
-            mark_instance(instance_record)  # every process of the instance inherits its token
-        unblock = block_sigterm_for_children()
-        try:
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host=cfg.dashboard_host,
-                     runtime_env=runtime_env, log_to_driver=log_to_driver, configure_logging=True,
-                     logging_level=logging.WARNING)
-        finally:
-            unblock()
+        token = mark_instance(instance_record) if instance_record is not None else None  # inherited by all
+        for attempt in range(1, LOCAL_START_TRIES + 1):
+            unblock = block_sigterm_for_children()
+            try:
+                ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host=cfg.dashboard_host,
+                         runtime_env=runtime_env, log_to_driver=log_to_driver, configure_logging=True,
+                         logging_level=logging.WARNING)
+                break
+            except Exception as exc:  # Ray raises a bare Exception for this
+                # Ray gives its raylet a fixed 30 s to register: on a node busy with other work that is not
+                # always enough. What the failed start left is stopped (by its token) and it starts again.
+                if "timed out during startup" not in str(exc) or attempt == LOCAL_START_TRIES:
+                    raise
+                log.warning("pofa: the local Ray instance did not come up in time (%s); starting it again (%d of %d)",
+                            str(exc).split(".")[0], attempt + 1, LOCAL_START_TRIES)
+                ray.shutdown()
+                if token is not None:
+                    stop_instance(token)
+                time.sleep(2)
+            finally:
+                unblock()
     return ray.get_runtime_context().gcs_address
+
+
+LOCAL_START_TRIES = 3
 
 
 def _repo_root() -> str:

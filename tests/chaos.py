@@ -82,7 +82,7 @@ def schedule(seed: int, count: int, size: Size) -> list[Fault]:
         steps = size.teacher_steps if stage == "teacher" else size.student_steps
         faults.append(Fault(kinds[i % len(kinds)], stage, moments[(i + i // len(kinds)) % len(moments)],
                             rng.randint(1, steps - 1)))
-    return faults
+    return sorted(faults, key=lambda f: TRAINING.index(f.stage))  # in pipeline order, so that each can come
 
 
 @dataclass
@@ -118,8 +118,9 @@ def run_clean(run_dir: Path, size: Size, limit_s: float = 900) -> subprocess.Com
 
 
 def run_with_faults(run_dir: Path, size: Size, faults: list[Fault], limit_s: float = 1800) -> ChaosRun:
-    """Start `pofa run`, inject the faults in order (each at its moment), rerun after a run-level fault,
-    and finish with a run that completes. Raises if the run never completes within `limit_s`."""
+    """Start `pofa run`, inject each fault when its moment comes (whichever pending one comes first), rerun
+    after a run-level fault, and finish with a run that completes. Raises if it never completes within
+    `limit_s`, or when a run fails outside any fault."""
     chaos = ChaosRun(run_dir)
     started = time.monotonic()
     pending = list(faults)
@@ -127,17 +128,19 @@ def run_with_faults(run_dir: Path, size: Size, faults: list[Fault], limit_s: flo
         if time.monotonic() - started > limit_s:
             raise TimeoutError(f"chaos run not finished after {limit_s:g} s: {chaos.outcomes}")
         chaos.attempts += 1
-        proc = subprocess.Popen(pofa_command(run_dir, size), cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # the console to a file, never a pipe nobody reads while faults are awaited (a full pipe blocks pofa)
+        console = run_dir.parent / f"{run_dir.name}-console-{chaos.attempts}.txt"
+        with open(console, "w") as sink:
+            proc = subprocess.Popen(pofa_command(run_dir, size), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True)
         attempt_began = time.monotonic()
         ended_by_fault = False
         try:
             while pending and proc.poll() is None:
-                fault = pending[0]
-                fired = _wait_for_moment(run_dir, fault, proc, chaos, attempt_began)
-                if not fired:
-                    break
-                pending.pop(0)
+                fault = _wait_for_a_moment(run_dir, pending, proc, chaos, attempt_began)
+                if fault is None:
+                    break  # the run ended
+                pending.remove(fault)
                 outcome = Outcome(fault, True, time.monotonic() - attempt_began)
                 chaos.outcomes.append(outcome)
                 if fault.kind == "sigkill-worker":
@@ -148,7 +151,7 @@ def run_with_faults(run_dir: Path, size: Size, faults: list[Fault], limit_s: flo
                 outcome.rc = proc.wait(timeout=180)
                 ended_by_fault = True
                 break
-            out, _ = proc.communicate(timeout=max(60.0, limit_s - (time.monotonic() - started)))
+            proc.wait(timeout=max(60.0, limit_s - (time.monotonic() - started)))
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -160,7 +163,7 @@ def run_with_faults(run_dir: Path, size: Size, faults: list[Fault], limit_s: flo
             chaos.outcomes += [Outcome(f, False, 0.0) for f in pending]
             chaos.elapsed_s = time.monotonic() - started
             return chaos
-        raise RuntimeError(f"pofa run failed with {proc.returncode} outside any fault:\n{(out or '')[-4000:]}")
+        raise RuntimeError(f"pofa run failed with {proc.returncode} outside any fault:\n{console.read_text()[-4000:]}")
 
 
 def _token(run_dir: Path) -> Optional[str]:
@@ -170,25 +173,32 @@ def _token(run_dir: Path) -> Optional[str]:
         return None
 
 
-def _wait_for_moment(run_dir: Path, fault: Fault, proc: subprocess.Popen, chaos: ChaosRun, began: float) -> bool:
-    """Poll until the fault's moment (True) or the attempt ends / the stage is done (False)."""
-    stage_dir = run_dir / fault.stage
-    seen_steps = _steps(stage_dir)
+def _wait_for_a_moment(run_dir: Path, pending: list[Fault], proc: subprocess.Popen, chaos: ChaosRun,
+                       began: float) -> Optional[Fault]:
+    """Poll (every 10 ms: a tiny model's checkpoint is written in a fraction of a second) until the moment
+    of any pending fault comes, and return that fault; None when the attempt ends first. A fault whose stage
+    has finished is dropped (recorded as not fired): its moment will not come."""
+    seen = {f.stage: _steps(run_dir / f.stage) for f in pending}
     while proc.poll() is None:
         token = _token(run_dir)
         if token:
             chaos.tokens.add(token)
-        if _stage_finished(run_dir, fault.stage):
-            return False
-        if fault.moment == "step" and _steps(stage_dir) >= fault.step and _steps(stage_dir) > seen_steps:
-            return True
-        if fault.moment == "checkpoint" and _writing_checkpoint(stage_dir):
-            return True
-        if fault.moment == "start-up" and _workers_started(run_dir, fault.stage, began) and \
-                _steps(stage_dir) == seen_steps:
-            return True
-        time.sleep(0.05)
-    return False
+        for fault in list(pending):
+            stage_dir = run_dir / fault.stage
+            if _stage_finished(run_dir, fault.stage):
+                pending.remove(fault)
+                chaos.outcomes.append(Outcome(fault, False, time.monotonic() - began))
+                continue
+            steps = _steps(stage_dir)
+            if fault.moment == "step" and steps >= fault.step and steps > seen[fault.stage]:
+                return fault
+            if fault.moment == "checkpoint" and _writing_checkpoint(stage_dir):
+                return fault
+            if fault.moment == "start-up" and steps == seen[fault.stage] and _workers_started(run_dir, fault.stage,
+                                                                                               began):
+                return fault
+        time.sleep(0.01)
+    return None
 
 
 def _stage_finished(run_dir: Path, stage: str) -> bool:

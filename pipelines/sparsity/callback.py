@@ -108,9 +108,9 @@ class PruningCallback:
         return out
 
     def update_metrics(self) -> dict[str, float]:
-        """What a mask update did: its target, the global sparsity of the masks, the entries regrown."""
-        return {"sparsity/target": self.sparsity, "sparsity/global": _pruned_fraction(self.masks),
-                "masks/regrown": float(self.regrown)}  # logged at updates only: a count per update
+        """What a mask update did: its target, the global and per-layer sparsity of the masks, the entries
+        regrown. Logged at every update, so the charts draw the schedule's curve, not a point per evaluation."""
+        return {**self.metrics(), "masks/regrown": float(self.regrown)}  # a count per update
 
     def masked(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A full state dict (name -> tensor) with every pruned entry exactly zero: what an export writes

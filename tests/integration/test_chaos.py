@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SEED = 7
 
 
+@pytest.mark.timeout(2400)  # two pofa runs and four reruns: 8 minutes at a load of 10, more on a busier machine
 def test_random_faults_end_in_the_uninterrupted_result(tmp_path) -> None:
     size = Size()
     faults = schedule(SEED, 3, size)

@@ -212,6 +212,7 @@ def test_mlflow_parent_nested_runs_and_metrics(tiny_run):
     hist = client.get_metric_history(student.info.run_id, "sparsity/global")
     steps = [m.step for m in hist]
     assert steps == sorted(steps) and hist[-1].value == pytest.approx(0.9, abs=1e-3)
+    assert {2, 12, 22, 32} <= set(steps)  # a point at every mask update: the chart shows the cubic ramp
     assert any(k.startswith("sparsity/") and k != "sparsity/global" for k in student.data.metrics)
     assert children["preprocess"].data.metrics["instances_train"] > 0
     assert ids and parents[0].data.params["preprocess.max_seq_length"] == "128"
@@ -268,3 +269,12 @@ def test_student_follows_the_references_lr_loss_and_regrows(tiny_run):
     regrown = {s: r["masks/regrown"] for s, r in train.items() if "masks/regrown" in r}
     assert sorted(regrown) == [2, 12, 22, 32]
     assert sum(regrown.values()) > 0
+    # the sparsity curve at every mask update, global and per layer, not only at evaluations
+    layers = [k for k in train[2] if k.startswith("sparsity/layer/")]
+    assert layers and all(k in train[s] for s in regrown for k in layers)
+    curve = [train[s]["sparsity/global"] for s in sorted(regrown)]
+    assert curve == sorted(curve) and curve[-1] == pytest.approx(0.9, abs=1e-3)
+    # the reference's cubic over the policy window 0..20 (then held): 0, 0.7875, 0.9, 0.9
+    cubic = [0.9 * (1 - (1 - min(t, 20) / 20) ** 3) for t in (0, 10, 20, 30)]
+    assert [train[s]["sparsity/target"] for s in sorted(regrown)] == pytest.approx(cubic, abs=1e-9)
+    assert curve == pytest.approx(cubic, abs=1e-3)

@@ -93,3 +93,37 @@ def test_a_record_of_another_host_or_a_live_driver_is_left_alone(tmp_path: Path)
         sleeper.kill()
         sleeper.wait()
     assert psutil.pid_exists(os.getpid())
+
+
+RETRY = """
+import logging, sys
+sys.path.insert(0, {repo!r})
+import ray
+from orchestrator.ray_runtime import connect
+from orchestrator.recipe.schema import RayConfig
+
+real, calls = ray.init, []
+
+def slow_node(**kwargs):  # what ray.init raises when the raylet takes over its fixed 30 s to register
+    calls.append(kwargs)
+    if len(calls) == 1:
+        raise Exception("The current node timed out during startup. This could happen because some of the "
+                        "raylet failed to startup or the GCS has become overloaded.")
+    return real(**kwargs)
+
+ray.init = slow_node
+logging.basicConfig()
+connect(RayConfig(num_cpus=1), log_to_driver=False, instance_record={record!r})
+print("up", len(calls), ray.cluster_resources().get("CPU"), flush=True)
+"""
+
+
+def test_a_local_start_that_times_out_is_started_again(tmp_path: Path) -> None:
+    record = tmp_path / ".ray-instance.json"
+    done = subprocess.run([sys.executable, "-c", RETRY.format(repo=str(REPO), record=str(record))],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[:3] == ["up", "2", "1.0"]
+    assert "did not come up in time" in done.stderr and "starting it again (2 of 3)" in done.stderr
+    time.sleep(3)
+    assert instance_processes(json.loads(record.read_text())["token"]) == []  # gone with their driver

@@ -15,13 +15,14 @@ import pytest
 
 from orchestrator.stall_budget import StallBudgetError, check_stall_budget, longest_startup
 from tests.workers.train_fixture import make_preprocess, make_teacher_export, read_losses, start_ray, student_spec
+from workers import console_lines
 from workers.stall_watchdog import StallError, read_records
 from workers.train.driver import run_training
 from workers.train.spec import FaultInjection
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STALL_S = 30.0  # above this machine's longest start-up phase under load, far below the default
+STALL_S = 45.0  # above this machine's longest start-up phase under load, far below the default
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,18 @@ def test_a_blocked_worker_is_stopped_with_its_stacks_and_the_stage_goes_on(base,
     marker = str(tmp_path / "stalled")
     spec = _spec(run_dir, logs, FaultInjection(step=2, rank=1, marker=marker, kind="stall"),
                  max_steps=4, checkpoint_every=1, max_failures=2)
-    result = run_training(spec, echo=False)
+    said: list[str] = []
+    undo = console_lines.install(said.append)
+    try:
+        result = run_training(spec, echo=False)
+    finally:
+        undo()
 
     assert result.final_step == 4 and result.start_steps == [0, 2]
+    # the console heard of it once per stopped worker, while the stage went on
+    stall_lines = [line for line in said if line.startswith("[student] stalled: ")]
+    assert any("student worker-1" in line and "it was at" in line for line in stall_lines)
+    assert len(stall_lines) == len(set(stall_lines)) == len(read_records(logs))
     records = read_records(logs)
     assert {r.name for r in records} >= {"student worker-1"}
     stalled = next(r for r in records if r.name == "student worker-1")

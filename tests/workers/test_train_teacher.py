@@ -143,3 +143,14 @@ def test_sigterm_to_a_worker_checkpoints_that_step_and_the_next_attempt_resumes(
     assert len(result.start_steps) == 2 and 5 <= preempted_at < 16  # not a periodic checkpoint: there is none
     assert committed_steps(spec) == [16, preempted_at]
     assert sorted(read_losses(spec.run.metrics)) == list(range(1, 17))  # nothing repeated or skipped
+
+
+def test_a_rerun_that_resumes_at_the_last_step_keeps_its_final_metrics(failed_once) -> None:
+    """Stopped between the final checkpoint and the stage's end (a SIGTERM the chaos test hit): the
+    rerun resumes at the last step, trains nothing, and reports that step's metrics, not an empty record."""
+    spec, first = failed_once
+    again = run_training(spec, echo=False)
+    assert again.final_step == 6 and again.start_steps[-1] == 6
+    for key in ("val/mlm_acc", "val/nsp_acc", "val/loss", "loss"):
+        assert again.metrics[key] == first.metrics[key], key
+    assert sorted(read_losses(spec.run.metrics)) == [1, 2, 3, 4, 5, 6]  # no step trained twice

@@ -299,6 +299,12 @@ def _run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spe
     watchdog.beat("starting: loading the newest checkpoint")
     start_step = worker.resume()
     worker.timings["resumed_at"] = time.time()
+    if start_step >= cfg.max_steps and worker.is_rank0:
+        # resumed at its last step (stopped between the final checkpoint and the stage's end): the
+        # summary's metrics are the ones that step logged, not an empty record
+        for record in read_jsonl(worker.run.metrics):
+            if record.get("step", 0) <= start_step:
+                worker.last_metrics.update({k: v for k, v in record.items() if k not in ("step", "time")})
     progress = Progress(worker.run.name, cfg.max_steps, start_step, spec.progress and worker.is_rank0)
     preempted = False
     while worker.step < cfg.max_steps:

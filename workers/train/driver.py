@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -67,11 +68,11 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
         began, stalls = time.time(), []
         try:
             prepare_resume(spec)  # another worker count than the newest checkpoint's: its universal form
-            with preemption.graceful_stage():
+            with preemption.graceful_stage(), StallReporter(spec, began) as reporter:
                 try:
                     build_trainer(spec, loop).fit()
                 finally:
-                    stalls = _report_stalls(spec, began)
+                    stalls = reporter.finish()
             summary = _read_summary(spec)
             if not summary.get("preempted"):
                 return
@@ -96,12 +97,40 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
 MAX_BACKOFF_S = 300.0
 
 
-def _report_stalls(spec: Any, since: float) -> list[StallRecord]:
-    """One console line per worker the stall watchdog stopped during this fit (Ray Train restarted them)."""
-    stalls = read_records(stall_folder(spec), since)
-    for record in stalls:
-        say(f"[{spec.run.name}] stalled: {record.line()}; that attempt was stopped and is retried")
-    return stalls
+class StallReporter:
+    """While a fit runs, one console line as soon as the stall watchdog stops a worker (Ray Train
+    restarts the group inside the fit, which would otherwise say nothing until the stage ends)."""
+
+    def __init__(self, spec: Any, since: float, every_s: float = 5.0) -> None:
+        self.spec, self.since, self.every_s = spec, since, every_s
+        self.seen: list[StallRecord] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="pofa-stall-reporter", daemon=True)
+
+    def __enter__(self) -> "StallReporter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+    def finish(self) -> list[StallRecord]:
+        """Stop polling, report what is left; every stall of this fit."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        self._report()
+        return list(self.seen)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._report()
+
+    def _report(self) -> None:
+        for record in read_records(stall_folder(self.spec), self.since):
+            if record.stacks not in {r.stacks for r in self.seen}:
+                self.seen.append(record)
+                say(f"[{self.spec.run.name}] stalled: {record.line()}; that attempt was stopped and is retried")
 
 
 def _read_summary(spec: Any) -> dict[str, Any]:
