@@ -137,7 +137,8 @@ def run_with_faults(run_dir: Path, size: Size, faults: list[Fault], limit_s: flo
         ended_by_fault = False
         try:
             while pending and proc.poll() is None:
-                fault = _wait_for_a_moment(run_dir, pending, proc, chaos, attempt_began)
+                fault = _wait_for_a_moment(run_dir, pending, proc, chaos, attempt_began,
+                                           deadline=started + limit_s)
                 if fault is None:
                     break  # the run ended
                 pending.remove(fault)
@@ -155,7 +156,7 @@ def run_with_faults(run_dir: Path, size: Size, faults: list[Fault], limit_s: flo
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                proc.wait(timeout=60)
         if ended_by_fault:
             continue
         if proc.returncode == 0:
@@ -174,12 +175,15 @@ def _token(run_dir: Path) -> Optional[str]:
 
 
 def _wait_for_a_moment(run_dir: Path, pending: list[Fault], proc: subprocess.Popen, chaos: ChaosRun,
-                       began: float) -> Optional[Fault]:
+                       began: float, deadline: float) -> Optional[Fault]:
     """Poll (every 10 ms: a tiny model's checkpoint is written in a fraction of a second) until the moment
     of any pending fault comes, and return that fault; None when the attempt ends first. A fault whose stage
     has finished is dropped (recorded as not fired): its moment will not come."""
     seen = {f.stage: _steps(run_dir / f.stage) for f in pending}
     while proc.poll() is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"chaos run: no fault's moment came and the run did not end by the limit; pending: "
+                               f"{[f.describe() for f in pending]}")
         token = _token(run_dir)
         if token:
             chaos.tokens.add(token)

@@ -33,8 +33,14 @@ def main() -> int:
     args = ap.parse_args()
     size = Size(teacher_steps=args.teacher_steps, student_steps=args.student_steps)
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    # only what this bench writes there, and said: a previous soak's runs and consoles
+    previous = [p for p in out.iterdir() if p.name in ("reference", "chaos", "chaos.json")
+                or p.name.startswith("chaos-console-")]
+    if previous:
+        print(f"bench-chaos: replacing the previous soak's {', '.join(sorted(p.name for p in previous))} in {out}")
+    for p in previous:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     faults = schedule(args.seed, args.faults, size)
     print(f"bench-chaos: seed {args.seed}, {len(faults)} faults, teacher {size.teacher_steps} / student "
           f"{size.student_steps} steps", flush=True)

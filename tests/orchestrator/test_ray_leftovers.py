@@ -73,7 +73,7 @@ def test_processes_left_by_a_killed_driver_are_found_reported_and_stopped(tmp_pa
         assert bystander.poll() is None  # another instance's process is not touched
     finally:
         bystander.kill()
-        bystander.wait()
+        bystander.wait(timeout=30)
         for p in instance_processes(json.loads(record.read_text())["token"]) if record.exists() else []:
             p.kill()
 
@@ -91,7 +91,7 @@ def test_a_record_of_another_host_or_a_live_driver_is_left_alone(tmp_path: Path)
         assert stop_leftovers(str(tmp_path / "absent.json"), print) == 0
     finally:
         sleeper.kill()
-        sleeper.wait()
+        sleeper.wait(timeout=30)
     assert psutil.pid_exists(os.getpid())
 
 
