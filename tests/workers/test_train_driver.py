@@ -147,3 +147,46 @@ def test_too_few_resources_fail_at_once_or_after_the_wait(run_dir, ray_local):
     with pytest.raises(ValueError, match=r"after waiting 1.5 s for nodes to join"):
         preflight(short)
     assert time.monotonic() - started >= 1.5  # it did wait for nodes that never joined
+
+
+class DyingAtLaunch:
+    """A trainer whose workers die between the group's start and the train function's launch `deaths`
+    times (Ray Train raises that as a ControllerError it does not retry), then finishes."""
+
+    fits = 0
+
+    def __init__(self, spec, deaths: int) -> None:
+        self.spec, self.deaths = spec, deaths
+
+    def fit(self) -> None:
+        from ray.exceptions import RayActorError
+        from ray.train import ControllerError
+
+        DyingAtLaunch.fits += 1
+        if DyingAtLaunch.fits <= self.deaths:
+            raise ControllerError(RayActorError())
+        os.makedirs(self.spec.run.root, exist_ok=True)
+        with open(self.spec.run.summary, "w") as f:
+            json.dump({"final_step": 2}, f)
+
+
+@pytest.mark.parametrize("max_failures, deaths, fits", [(2, 2, 3), (1, 2, 2), (0, 1, 1), (-1, 3, 4)])
+def test_a_worker_that_dies_while_the_group_starts_counts_as_a_failure(run_dir, monkeypatch, max_failures,
+                                                                        deaths, fits):
+    from ray.train import ControllerError
+
+    from workers.train import driver
+
+    s = spec(run_dir, max_failures=max_failures, retry_backoff_s=0.5)
+    DyingAtLaunch.fits = 0
+    monkeypatch.setattr(driver, "build_trainer", lambda sp, loop: DyingAtLaunch(sp, deaths))
+    monkeypatch.setattr(driver, "prepare_resume", lambda sp: None)
+    waits: list[float] = []
+    if deaths > max_failures >= 0:
+        with pytest.raises(ControllerError):
+            driver.fit_with_retries(s, loop=None, sleep=waits.append)
+    else:
+        driver.fit_with_retries(s, loop=None, sleep=waits.append)
+    assert DyingAtLaunch.fits == fits
+    assert waits == [0.5, 1.0, 2.0][:fits - 1]  # the stage's backoff, doubling
+    assert not driver.died_while_starting(ControllerError(ValueError("a bug in a callback")))  # not retried

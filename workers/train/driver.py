@@ -7,7 +7,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+from ray.exceptions import RayActorError
+from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from workers import preemption
@@ -63,6 +64,7 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
     notice ends an attempt cleanly at a checkpoint; the next one resumes on the nodes that remain."""
     cfg = spec.train
     delay, started = cfg.retry_backoff_s, time.time()
+    start_deaths = 0  # workers that died while the group started, since the last new checkpoint
     while True:
         newest = _newest_step(spec)
         began, stalls = time.time(), []
@@ -83,6 +85,15 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
             delay = cfg.retry_backoff_s
         except TrainingFailedError as exc:
             step = _newest_step(spec)
+            if step > newest:
+                start_deaths = 0
+            elif died_while_starting(exc) and (cfg.max_failures < 0 or start_deaths < cfg.max_failures):
+                start_deaths += 1
+                say(f"[{spec.run.name}] a worker died while the group was starting ({_first_line(exc)}); "
+                    f"starting again in {delay:g} s (failure {start_deaths} of {_limit(cfg.max_failures)})")
+                sleep(delay)
+                delay = min(max(delay * 2, 1.0), MAX_BACKOFF_S)
+                continue
             if cfg.max_failures == 0 or step <= newest:  # no restarts wanted, or max_failures got nowhere
                 if stalls:
                     raise StallError(f"{spec.run.name}: stopped by the stall watchdog and not moved forward by "
@@ -95,6 +106,18 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
 
 
 MAX_BACKOFF_S = 300.0
+
+
+def died_while_starting(exc: BaseException) -> bool:
+    """A worker that dies after the group started but before its train function is launched reaches us
+    as a ControllerError around the RayActorError, which Ray Train's failure policy does not retry (Ray
+    2.60, `WorkerGroup._start_impl`: the `run_train_fn` launch sits outside its RayActorError guard). It is
+    a worker failure like any other: pofa retries it against `max_failures`."""
+    return isinstance(exc, ControllerError) and isinstance(exc.controller_failure, RayActorError)
+
+
+def _limit(max_failures: int) -> str:
+    return "unlimited" if max_failures < 0 else str(max_failures)
 
 
 class StallReporter:
