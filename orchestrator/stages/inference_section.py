@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # measuring imports torch: only the report stage's run needs 
     from pipelines.inference.measure import ModelEntry
 
 _MB = 1e6
+UNSTEADY_FACTOR = 1.25  # pipelines.inference.measure.UNSTEADY_FACTOR (not imported: it imports torch)
 METRICS = ("latency_ms", "throughput_seq_s", "latency_speedup", "throughput_speedup", "sparsity")
 
 
@@ -83,7 +84,28 @@ def _cell(v: Any, fmt: str = "{}") -> str:
 def _note(row: Mapping[str, Any]) -> str:
     if row.get("error"):
         return "**not measured**: " + str(row["error"]).replace("|", "\\|").replace("\n", " ")
-    return f"max abs diff vs PyTorch {row['max_abs_diff']:.1e}" if row.get("max_abs_diff") is not None else ""
+    notes = [f"**unsteady**: {row['unsteady']}"] if row.get("unsteady") else []
+    if row.get("max_abs_diff") is not None:
+        notes.append(f"max abs diff vs PyTorch {row['max_abs_diff']:.1e}")
+    return "; ".join(notes)
+
+
+def _ratio(row: Mapping[str, Any], key: str) -> str:
+    """The speed-up and, where it was timed in turns with its reference, its range over the rounds."""
+    cell = _cell(row.get(key), "{:.2f}")
+    spread = row.get(f"{key}_range")
+    return f"{cell} ({spread[0]:.2f}–{spread[1]:.2f})" if spread and row.get(key) is not None else cell
+
+
+def _load_line(report: Mapping[str, Any]) -> str:
+    loads, cores = [v for v in report.get("load_avg") or [] if v is not None], report.get("cores")
+    if not loads or not cores:
+        return ""
+    line = f"Load average {' → '.join(f'{v:.1f}' for v in loads)} on {cores} cores while measuring."
+    if max(loads) > cores:
+        line += (" **The machine was busier than its cores: every timing above is slowed and scattered; read "
+                 "the ratios only where their round-by-round range is narrow.**")
+    return line
 
 
 def render_inference(report: Optional[Mapping[str, Any]]) -> list[str]:
@@ -98,19 +120,23 @@ def render_inference(report: Optional[Mapping[str, Any]]) -> list[str]:
            "their encoder, fine-tuned ones as the task model. Sizes: the safetensors file, and the "
            "compressed sparse encoding (bitmask of the non-zeros plus their values, zlib; "
            "`pipelines.inference.sparse_encoding.load_sparse` restores it bit for bit). All figures: "
-           "`report/inference.json`.", "",
+           "`report/inference.json`. In brackets: the lowest and highest ratio over the timing "
+           "rounds (the two models ran in turns, so each round compares them at the same moment); a row whose "
+           "rounds disagree by more than "
+           f"{UNSTEADY_FACTOR:g}x is marked unsteady.", "",
            "| model | graph | sparsity | throughput (seq/s) | × dense | latency (ms) | × dense | safetensors MB "
            "| compressed MB | note |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         cells = [r["name"], r.get("graph") or "–", _cell(r.get("sparsity"), "{:.3f}"),
-                 _cell(r.get("throughput_seq_s"), "{:.1f}"), _cell(r.get("throughput_speedup"), "{:.2f}"),
-                 _cell(r.get("latency_ms"), "{:.2f}"), _cell(r.get("latency_speedup"), "{:.2f}"),
+                 _cell(r.get("throughput_seq_s"), "{:.1f}"), _ratio(r, "throughput_speedup"),
+                 _cell(r.get("latency_ms"), "{:.2f}"), _ratio(r, "latency_speedup"),
                  _cell(r.get("safetensors_bytes") and r["safetensors_bytes"] / _MB, "{:.2f}"),
                  _cell(r.get("sparse_bytes") and r["sparse_bytes"] / _MB, "{:.2f}"), _note(r)]
         out.append("| " + " | ".join(cells) + " |")
     machine = report["machine"]
     kernels = ("unknown (no /proc/cpuinfo)" if machine["kernels"] is None
                else ", ".join(machine["kernels"]) or "none of the vector extensions pofa looks for")
-    out += ["", f"Machine: {machine['cpu']}; CPU kernels: {kernels}. {machine['explanation']}", ""]
+    out += ["", f"Machine: {machine['cpu']}; CPU kernels: {kernels}. {machine['explanation']} {_load_line(report)}"
+            .rstrip(), ""]
     return out

@@ -105,7 +105,37 @@ class TimedGraph:
 def timing_fields(timings: dict[int, dict[str, float]]) -> dict[str, Any]:
     lat, tput = timings[min(timings)], timings[max(timings)]
     return {"timings": {str(b): t for b, t in timings.items()}, "latency_ms": lat["ms"],
-            "throughput_seq_s": tput["seq_per_s"]}
+            "throughput_seq_s": tput["seq_per_s"], "latency_spread": _spread(lat), "throughput_spread": _spread(tput)}
+
+
+def _spread(t: dict[str, Any]) -> Optional[float]:
+    """The interquartile range of a batch size's run times over their median (0.1: the middle half of the
+    runs lies within 10% of the median's size)."""
+    if "ms_p25" not in t or not t["ms"]:
+        return None
+    return round((t["ms_p75"] - t["ms_p25"]) / t["ms"], 3)
+
+
+# A speed-up whose rounds disagree by more than this factor (max / min of the round-by-round ratios)
+# cannot be read: a busy machine gave 0.47 and 1.78 for two identically shaped models.
+UNSTEADY_FACTOR = 1.25
+
+
+def round_ratios(ref: dict[str, Any], row: dict[str, Any]) -> Optional[list[float]]:
+    """[min, max] over rounds of the reference's time over the row's at one batch size: the rounds ran in
+    turns, so each ratio compares the two at the same moment of the machine."""
+    ratios = [a / b for a, b in zip(ref.get("round_ms", []), row.get("round_ms", [])) if a > 0 and b > 0]
+    return [round(min(ratios), 3), round(max(ratios), 3)] if ratios else None
+
+
+def unsteady(ranges: Sequence[Optional[list[float]]]) -> Optional[str]:
+    """Why the row's ratios cannot be read (a round-by-round range wider than UNSTEADY_FACTOR), or None."""
+    wide = [r for r in ranges if r and r[0] > 0 and r[1] / r[0] > UNSTEADY_FACTOR]
+    if not wide:
+        return None
+    lo, hi = min(r[0] for r in wide), max(r[1] for r in wide)
+    return (f"x dense ranged {lo:.2f}-{hi:.2f} over the timing rounds (more than {UNSTEADY_FACTOR:g}x apart): "
+            "the machine's load changed while timing; rerun on a quiet machine before reading the ratio")
 
 
 def measure_module(model: InferenceModel, cfg: InferenceConfig, work: str, templates: dict[str, Any], name: str = "",
@@ -180,6 +210,10 @@ def time_rows(rows: list[dict[str, Any]], graphs: dict[str, TimedGraph], cfg: In
             row["timed_with"] = ref_name
             row["latency_speedup"] = round(pair_ref["latency_ms"] / row["latency_ms"], 3)
             row["throughput_speedup"] = round(row["throughput_seq_s"] / pair_ref["throughput_seq_s"], 3)
+            lat_b, tput_b = min(row_t), max(row_t)
+            row["latency_speedup_range"] = round_ratios(ref_t[lat_b], row_t[lat_b])
+            row["throughput_speedup_range"] = round_ratios(ref_t[tput_b], row_t[tput_b])
+            row["unsteady"] = unsteady([row["latency_speedup_range"], row["throughput_speedup_range"]])
             if "latency_ms" not in ref:  # the reference's own row: its first shared measurement
                 ref.update(pair_ref)
                 ref["latency_speedup"] = ref["throughput_speedup"] = 1.0
@@ -203,6 +237,7 @@ def inference_report(entries: Sequence[ModelEntry], cfg: InferenceConfig) -> dic
     version = None if missing else importlib.import_module(cfg.runtime).__version__
     templates: dict[str, Any] = {}
     work = tempfile.mkdtemp(prefix="pofa-inference-")
+    load_before = _load()
     try:  # convert everything first, then time: a model and its reference take turns on the machine
         rows, graphs = [], {}
         for i, entry in enumerate(entries):
@@ -218,4 +253,14 @@ def inference_report(entries: Sequence[ModelEntry], cfg: InferenceConfig) -> dic
     return {"runtime": cfg.runtime, "runtime_version": version, "provider": "CPUExecutionProvider",
             "torch_threads": torch.get_num_threads(), "batch_sizes": cfg.batch_sizes, "seq_len": cfg.seq_len,
             "latency_batch": min(cfg.batch_sizes), "throughput_batch": max(cfg.batch_sizes),
-            "machine": machine_kernels(), "models": rows}
+            "machine": machine_kernels(), "cores": os.cpu_count(), "load_avg": [load_before, _load()],
+            "models": rows}
+
+
+def _load() -> Optional[float]:
+    """The 1-minute load average (None where the platform has none): a load above the core count slows
+    and scatters every timing."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None

@@ -25,6 +25,21 @@ def test_the_table_has_a_row_per_model_and_says_why_one_is_missing() -> None:
     assert render_inference(None) == []
 
 
+def test_a_rows_spread_is_shown_and_an_unsteady_ratio_is_flagged() -> None:
+    busy = {**REPORT, "cores": 2, "load_avg": [9.5, 12.25],
+            "models": [REPORT["models"][0],
+                       {"name": "student", "graph": "encoder", "sparsity": 0.9, "throughput_seq_s": 80.0,
+                        "throughput_speedup": 0.8, "throughput_speedup_range": [0.47, 1.78], "latency_ms": 1.5,
+                        "latency_speedup": 1.33, "latency_speedup_range": [1.2, 1.4], "max_abs_diff": 2e-6,
+                        "unsteady": "x dense ranged 0.47-1.78 over the timing rounds", "error": None}]}
+    text = "\n".join(render_inference(busy))
+    assert "| student | encoder | 0.900 | 80.0 | 0.80 (0.47–1.78) | 1.50 | 1.33 (1.20–1.40) |" in text
+    assert "**unsteady**: x dense ranged 0.47-1.78 over the timing rounds; max abs diff vs PyTorch 2.0e-06" in text
+    assert "Load average 9.5 → 12.2 on 2 cores while measuring. **The machine was busier than its cores" in text
+    quiet = "\n".join(render_inference({**busy, "load_avg": [0.5, 0.7]}))
+    assert "Load average 0.5 → 0.7 on 2 cores while measuring." in quiet and "busier than its cores" not in quiet
+
+
 def test_metrics_are_named_per_model_and_skip_what_was_not_measured() -> None:
     metrics = inference_metrics(REPORT)
     assert metrics["inference.teacher.latency_ms"] == 2.0 and metrics["inference.teacher.sparse_mb"] == 3.0

@@ -43,6 +43,11 @@ def test_dense_and_sparse_exports_are_converted_checked_and_timed(tmp_path) -> N
     assert rows["teacher"]["throughput_speedup"] == 1.0
     expected = rows["student"]["throughput_seq_s"] / rows["teacher"]["throughput_seq_s"]
     assert abs(rows["student"]["throughput_speedup"] - expected) < 1e-2
+    for key in ("latency_speedup_range", "throughput_speedup_range"):  # round by round, in turns with the teacher
+        lo, hi = rows["student"][key]
+        assert 0 < lo <= hi
+    assert report["cores"] == os.cpu_count() and len(report["load_avg"]) == 2
+    assert len(rows["student"]["timings"]["1"]["round_ms"]) == 5 and rows["student"]["latency_spread"] >= 0
     assert json.loads(json.dumps(report)) == report  # what inference.json will hold
 
 
@@ -168,3 +173,40 @@ def test_a_model_and_its_reference_take_turns_so_a_load_change_falls_on_both() -
     (seq_a,) = time_sessions([TimedSession(_Drifting("a", calls, t0), ["input_ids"], 10)], [1], 8, min_seconds=0.3)
     (seq_b,) = time_sessions([TimedSession(_Drifting("b", calls, t0), ["input_ids"], 10)], [1], 8, min_seconds=0.3)
     assert seq_b[1]["ms"] / seq_a[1]["ms"] > 1.5  # what timing them apart would have reported
+
+
+class SleepySession:
+    """An ONNX Runtime stand-in at the session boundary: each run sleeps the time its round gives
+    (the load of a busy machine falling on one model's turns and not the other's)."""
+
+    def __init__(self, ms_by_round: list[float]) -> None:
+        self.ms_by_round, self.calls = ms_by_round, 0
+
+    def run(self, _outputs, _feed) -> None:
+        import time
+
+        self.calls += 1
+        rnd = min(max(self.calls - 2, 0), len(self.ms_by_round) - 1)  # call 1: the warm-up; then one run a turn
+        time.sleep(self.ms_by_round[rnd] / 1000)
+
+
+def test_a_ratio_whose_rounds_disagree_is_marked_unsteady() -> None:
+    from pipelines.inference.bench import TimedSession, time_sessions
+    from pipelines.inference.measure import round_ratios, unsteady
+
+    # min_seconds below one run: one run per turn, five turns each
+    steady_ref, steady_row = SleepySession([4.0] * 5), SleepySession([2.0] * 5)
+    ref_t, row_t = time_sessions([TimedSession(steady_ref, ["input_ids"], 2), TimedSession(steady_row, ["input_ids"], 2)],
+                                 [1], 8, min_seconds=0.001)
+    assert len(ref_t[1]["round_ms"]) == 5 and ref_t[1]["ms_p25"] <= ref_t[1]["ms"] <= ref_t[1]["ms_p75"]
+    lo, hi = round_ratios(ref_t[1], row_t[1])
+    assert 1.4 < lo <= hi < 2.6  # 4 ms against 2 ms in every round, give or take the sleeps' jitter
+    assert round_ratios({"round_ms": [2.0, 4.0, 2.0]}, {"round_ms": [1.0, 2.0, 4.0]}) == [0.5, 2.0]
+    assert unsteady([[0.95, 1.1]]) is None
+    message = unsteady([[0.95, 1.1], [0.47, 1.78]])
+    assert message.startswith("x dense ranged 0.47-1.78 over the timing rounds")
+    busy_ref, busy_row = SleepySession([4.0] * 5), SleepySession([2.0, 2.0, 8.0, 8.0, 2.0])
+    ref_t, row_t = time_sessions([TimedSession(busy_ref, ["input_ids"], 2), TimedSession(busy_row, ["input_ids"], 2)],
+                                 [1], 8, min_seconds=0.001)
+    lo, hi = round_ratios(ref_t[1], row_t[1])
+    assert lo < 0.7 and hi > 1.5 and unsteady([[lo, hi]]) is not None  # 0.5 in the busy rounds, 2 in the rest
