@@ -1,5 +1,6 @@
 """Elastic resume on real Ray Train + DeepSpeed (CPU): a student stage that crashed after its step-3
-checkpoint resumes on another number of workers (2 -> 1 and 1 -> 2 at ZeRO-2, 2 -> 1 at ZeRO-3) and
+checkpoint resumes on another number of workers (1 -> 2 at ZeRO-2, 2 -> 1 at ZeRO-3: each ZeRO stage's
+universal-checkpoint conversion, growing and shrinking; 2 -> 1 at ZeRO-2 was left out for the suite's time) and
 matches an uninterrupted run with the original worker count: the same global batches (their digest
 at every step), every later step's loss within 1e-4 (only the reduction order differs), the same
 final masks. The model has no dropout, the one thing that draws from a per-worker random stream."""
@@ -68,7 +69,7 @@ def _elastic(base, tmp_path_factory, before: int, after: int, zero: int):
     return resumed, result
 
 
-@pytest.mark.parametrize("before, after, zero", [(2, 1, 2), (1, 2, 2), (2, 1, 3)])
+@pytest.mark.parametrize("before, after, zero", [(1, 2, 2), (2, 1, 3)])
 def test_a_crashed_stage_resumes_on_another_worker_count(base, tmp_path_factory, before, after, zero) -> None:
     reference = _reference(base, tmp_path_factory, before, zero)
     resumed, result = _elastic(base, tmp_path_factory, before, after, zero)
