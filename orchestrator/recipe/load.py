@@ -1,12 +1,14 @@
 """Loading a recipe: built-in name or YAML path, `--set a.b=value` overrides, errors that name the key."""
 from __future__ import annotations
 
+import difflib
 import os
+import typing
 from importlib import resources
 from typing import Any, Iterable
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from orchestrator.recipe.schema import Recipe
 
@@ -92,13 +94,39 @@ def _child(node: Any, part: str, key: str) -> Any:
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "(recipe)"
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
+        close = difflib.get_close_matches(str(error["loc"][-1]), _keys_at(error["loc"][:-1]), n=1, cutoff=0.7)
+        return f"{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     msg = error["msg"].removeprefix("Value error, ")
     if "input" in error and not isinstance(error["input"], dict):
         return f"{key}: {msg} (got {error['input']!r})"
     return f"{key}: {msg}"
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys the recipe's schema allows in the section at `loc` ([] where it cannot tell)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list item: its type was taken with the list
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        model = _model_in(fields[part].annotation)
+    fields = getattr(model, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside Optional[...], list[...] or a union of one model and None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def validate_recipe(data: dict[str, Any], source: str) -> Recipe:
