@@ -170,9 +170,9 @@ def resume_point(layout: RunLayout, stage: str) -> str:
 
 def committed_checkpoints(layout: RunLayout, run: Any) -> list[tuple[int, str]]:
     """(step, folder relative to the run directory) of the run's committed checkpoints, newest first."""
-    from workers.train.checkpointer import Checkpointer
+    from workers.train.checkpointer import committed_checkpoints as committed
 
-    return Checkpointer(layout, run, 0, 1, keep=1, engine=None, parts={}, rank_parts={}).committed()
+    return committed(layout, run)
 
 
 def committed_steps(layout: RunLayout, run: Any) -> list[int]:

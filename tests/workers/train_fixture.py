@@ -44,7 +44,7 @@ def make_preprocess(run_dir: str, documents: int = 120, max_len: int = 32, seed:
     from pipelines.data.config import PreprocessConfig
     from pipelines.data.sources import read_units
     from workers.preprocess.job import finish_preprocess, prepare_tokenizer
-    from workers.preprocess.tasks import ShardProcessor, read_shards
+    from workers.preprocess.tasks import ShardProcessor, read_shards, unit_batch
 
     layout = RunLayout.open(run_dir)
     os.makedirs(layout.root, exist_ok=True)
@@ -58,7 +58,7 @@ def make_preprocess(run_dir: str, documents: int = 120, max_len: int = 32, seed:
     started = time.time()
     prepare_tokenizer(cfg, layout)
     units = read_units(cfg.source)
-    batch = {"unit": [u.index for u in units], "location": [u.location for u in units]}
+    batch = unit_batch(units)
     processor = ShardProcessor(cfg.model_dump_json(), seed, layout)
     records = [json.loads(r) for rows in read_shards(batch, cfg.model_dump_json())
                for r in processor(rows).column("result").to_pylist()]
@@ -179,10 +179,9 @@ def _run_student_driver(run_dir: str, marker: str) -> None:
 
 def committed_steps(spec: Any) -> list[int]:
     """Committed checkpoint steps of a training spec's run, newest first."""
-    from workers.train.checkpointer import Checkpointer
+    from workers.train.checkpointer import committed_checkpoints
 
-    checkpointer = Checkpointer(spec.layout, spec.run, 0, 1, keep=1, engine=None, parts={}, rank_parts={})
-    return [step for step, _ in checkpointer.committed()]
+    return [step for step, _ in committed_checkpoints(spec.layout, spec.run)]
 
 
 def checkpoint_masks(run: Any, step: int, folder: str | None = None) -> dict:

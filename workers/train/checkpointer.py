@@ -83,6 +83,29 @@ def _walk(folder: str) -> list[str]:
                   for base, _, names in os.walk(folder) for n in names)
 
 
+def committed_checkpoints(layout: RunLayout, run: TrainRunLayout) -> list[tuple[int, str]]:
+    """(step, folder relative to the run directory) of a training run's committed checkpoints (those
+    with a MANIFEST.json), newest first. Read from the store's listing: no engine, no parts needed."""
+    root = layout.rel(run.checkpoints)
+    found = []
+    for name in layout.store.listing(root):
+        folder, _, leaf = name.partition("/")
+        m = _STEP.match(folder)
+        if m and leaf == MANIFEST:
+            found.append((int(m.group(1)), f"{root}/{folder}"))
+    return sorted(found, reverse=True)
+
+
+def read_manifest(layout: RunLayout, rel_step: str) -> dict[str, Any]:
+    """A committed checkpoint's MANIFEST.json; CheckpointError when another pofa version wrote it."""
+    manifest = layout.store.read_json(f"{rel_step}/{MANIFEST}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{layout.store.where(rel_step)}/{MANIFEST}: written by another pofa version "
+                              f"(format {manifest.get('format') if isinstance(manifest, dict) else '?'}, "
+                              f"this pofa reads {FORMAT})")
+    return manifest
+
+
 class Checkpointer:
     """`parts`: saved once (rank 0) and loaded by every rank; `rank_parts`: one copy per rank. Parts
     that are None (e.g. no pruning in the teacher) are left out."""
@@ -103,21 +126,10 @@ class Checkpointer:
     # -- listing ----------------------------------------------------------------------------------
     def committed(self) -> list[tuple[int, str]]:
         """(step, path relative to the run) of committed checkpoints, newest first."""
-        found = []
-        for name in self.layout.store.listing(self.root):
-            folder, _, leaf = name.partition("/")
-            m = _STEP.match(folder)
-            if m and leaf == MANIFEST:
-                found.append((int(m.group(1)), f"{self.root}/{folder}"))
-        return sorted(found, reverse=True)
+        return committed_checkpoints(self.layout, self.run)
 
     def manifest(self, rel_step: str) -> dict[str, Any]:
-        manifest = self.layout.store.read_json(f"{rel_step}/{MANIFEST}")
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{self.layout.store.where(rel_step)}/{MANIFEST}: written by another pofa version "
-                                  f"(format {manifest.get('format') if isinstance(manifest, dict) else '?'}, "
-                                  f"this pofa reads {FORMAT})")
-        return manifest
+        return read_manifest(self.layout, rel_step)
 
     def _required(self, world: int) -> list[str]:
         required = [f"{p}.json" for p in self.parts]

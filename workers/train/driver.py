@@ -164,9 +164,9 @@ def _read_summary(spec: Any) -> dict[str, Any]:
 
 
 def _newest_step(spec: Any) -> int:
-    from workers.train.checkpointer import Checkpointer
+    from workers.train.checkpointer import committed_checkpoints
 
-    committed = Checkpointer(spec.layout, spec.run, 0, 1, keep=1, engine=None, parts={}, rank_parts={}).committed()
+    committed = committed_checkpoints(spec.layout, spec.run)
     return committed[0][0] if committed else 0
 
 

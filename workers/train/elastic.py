@@ -21,7 +21,8 @@ from typing import Any
 
 from pipelines.atomic import file_sha256
 from workers.train.checkpoint_parts import DS_TAG, UNIVERSAL
-from workers.train.checkpointer import MANIFEST, Checkpointer
+from workers.run_layout import RunLayout, TrainRunLayout
+from workers.train.checkpointer import MANIFEST, committed_checkpoints, read_manifest
 
 
 def prepare_resume(spec: Any) -> None:
@@ -29,12 +30,11 @@ def prepare_resume(spec: Any) -> None:
     it was written by another worker count or ZeRO stage; refuse what cannot resume."""
     spec.resume_universal = False
     layout, run, cfg = spec.layout, spec.run, spec.train
-    checkpointer = Checkpointer(layout, run, 0, cfg.num_workers, keep=1, engine=None, parts={}, rank_parts={})
-    committed = checkpointer.committed()
+    committed = committed_checkpoints(layout, run)
     if not committed:
         return
     rel = committed[0][1]
-    manifest = checkpointer.manifest(rel)
+    manifest = read_manifest(layout, rel)
     world, stage = int(manifest["world_size"]), manifest.get("zero_stage", cfg.zero_stage)
     if world == cfg.num_workers and stage == cfg.zero_stage:
         return
@@ -48,17 +48,17 @@ def prepare_resume(spec: Any) -> None:
             raise ValueError(f"{where} was written at ZeRO-{stage}; resuming it at ZeRO-{cfg.zero_stage} is not "
                              f"supported: set zero_stage={stage}")
         return  # ZeRO-0: the full optimizer state loads on any worker count
-    make_universal(checkpointer, rel, manifest)
+    make_universal(layout, run, rel, manifest)
     spec.resume_universal = True
 
 
-def make_universal(checkpointer: Checkpointer, rel: str, manifest: dict[str, Any]) -> None:
+def make_universal(layout: RunLayout, run: TrainRunLayout, rel: str, manifest: dict[str, Any]) -> None:
     """Add the universal form of checkpoint `rel`'s DeepSpeed files to it and commit it again (the
     manifest, written last, lists the new files with their sha256). Done once per checkpoint."""
     files = manifest["files"]
     if any(name.startswith(UNIVERSAL + "/") for name in files):
         return
-    store, run = checkpointer.layout.store, checkpointer.run
+    store = layout.store
     work = os.path.join(run.checkpoints, f".tmp-universal-{os.path.basename(rel)}")
     shutil.rmtree(work, ignore_errors=True)
     try:
