@@ -9,12 +9,15 @@
     pofa runs [--root runs]        every run under ./runs, a line each
     pofa status|logs|stop JOB [--address ...]
     pofa doctor [--build-ops]      this machine's DeepSpeed ops: cache folder, stale build locks, built ahead or not
+    pofa export RUN_DIR [--stage student|teacher|finetune/TASK/SEED] --to DIR [--push REPO]
+                                   one export as a Hugging Face folder with its model card (and on the hub)
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 from orchestrator.jobs_cli import JOB_COMMANDS, add_job_commands, run_job_command
@@ -62,12 +65,21 @@ def _parser() -> argparse.ArgumentParser:
                                            "locks (removed), and whether loading them would compile")
     doctor.add_argument("--build-ops", action="store_true",
                         help="build them ahead (`make install` and the images do), so no run compiles them")
+    export = sub.add_parser("export", help="write one export of a run as a self-contained Hugging Face folder "
+                                           "(weights, tokenizer, config, sparsity.json, model card)")
+    export.add_argument("run_dir", help="the run directory")
+    export.add_argument("--stage", default="student", help="student (default), teacher, or finetune/TASK/SEED "
+                                                          "(SEED: a seed, or teacher for the dense task teacher)")
+    export.add_argument("--to", required=True, help="the folder to write: new, or empty")
+    export.add_argument("--push", metavar="REPO", help="then upload it to this Hugging Face model repo (needs a token)")
     add_job_commands(sub)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "export":
+        return _export(args)
     if args.command == "runs" or (args.command == "status" and _is_run_dir(args.job)):
         return _status(args)
     if args.command in JOB_COMMANDS:
@@ -112,16 +124,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(recipe: Any, run_dir: str, stages: list[str], force: bool, redo: list[str], verbose: bool) -> int:
     from orchestrator.console import Console
     from orchestrator.job_graph import run_pipeline
+    from orchestrator.console import format_duration
     from orchestrator.run_summary import summary_lines
 
     # the console keeps the terminal; the processes' own output goes to <run>/logs/ (unless --verbose)
     terminal = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     console = Console(terminal, verbose=verbose)
     detach = console.attach()
+    started = time.time()
     try:
         manifests = run_pipeline(recipe, run_dir, stages, force, console=console, redo=redo)
         for line in summary_lines(manifests, RunLayout.open(run_dir)):
             console(line)
+        console(f"pofa: done in {format_duration(time.time() - started)} (this command: Ray start-up and "
+                "tracking included)")
     finally:
         detach()
         terminal.flush()
@@ -154,6 +170,18 @@ def _status(args: argparse.Namespace) -> int:
     except StatusError as exc:
         print(f"pofa: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from orchestrator.export_folder import export_folder
+
+    try:
+        folder = export_folder(args.run_dir, args.stage, args.to, args.push)
+    except ValueError as exc:  # bad input (ExportError), an unfinished stage, an unreadable manifest
+        print(f"pofa: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"pofa: exported {args.stage} to {folder}" + (f" and pushed it to {args.push}" if args.push else ""))
+    return 0
 
 
 def _preempt_node(wait_s: float, whole_cluster: bool) -> int:

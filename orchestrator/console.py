@@ -153,6 +153,8 @@ def progress_line(stage: str, step: int, total: int, metrics: Mapping[str, float
     parts = [f"[{stage}] step {step}/{total} ({100 * step // max(total, 1)}%)"]
     if "loss" in metrics:
         parts.append(f"loss {metrics['loss']:.4f}")
+        if "loss/kd" in metrics and "loss/hard" in metrics:  # distillation: the weighted sum of the two
+            parts[-1] += f" (hard {metrics['loss/hard']:.3f}, KD {metrics['loss/kd']:.3f})"
     if "sparsity/global" in metrics and stage != "teacher":
         parts.append(f"sparsity {metrics['sparsity/global']:.3f}")
     rate = metrics.get("throughput/samples_per_s")

@@ -26,6 +26,8 @@ from orchestrator.run_summary import result_line
 from orchestrator.rundir import RunDir, RunDirError
 from orchestrator.stages import ORDER, STAGES, StageContext
 from orchestrator.tracking import TrackingSession, flatten_params
+from orchestrator.tracking.datasets import pretraining_datasets
+from orchestrator.tracking.results import exports, headline_metrics, stage_metrics
 from pipelines.atomic import write_json_atomic
 from pipelines.sparsity.report_files import report_paths
 from workers import preemption
@@ -100,7 +102,8 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             if resumed and plan.reason.startswith("resuming"):
                 console(f"[{name}] {plan.reason}")  # e.g. "resuming from step 50 (checkpoint ...)"
             else:
-                console(f"[{name}] {'resuming' if resumed else 'running'} ({plan.reason})")
+                why = "" if plan.reason == "not started" else f" ({plan.reason})"  # a first start needs no reason
+                console(f"[{name}] {'resuming' if resumed else 'running'}{why}")
             ctx.log_dir = logs.stage(name)
             ctx.console = console
             if not connected and getattr(stage, "needs_ray", True):
@@ -134,6 +137,7 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             rd.check_lease()  # a process that lost the run never marks a stage finished
             manifests[name] = write_stage_manifest(layout, name, fp, inputs, config, result.stats, result.outputs,
                                                    result.output, started)
+            _write_cards(recipe, layout, name, console)  # before MLflow logs the models: it records the cards
             rd.sync_up()  # the stage's outputs, then its manifest; recipe and tracking store with them
             record_stage(tracking, name, manifests[name], layout, result.model_dir, console)
             logs.end_stage()
@@ -157,6 +161,17 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
         console.capturing = False
         rd.release()
     return manifests
+
+
+def _write_cards(recipe: Recipe, layout: RunLayout, stage: str, console: Callable[[str], None]) -> None:
+    """A model card into each export of the stage; a card that cannot be written only warns (the stage's
+    outputs are safe, and the report and `pofa export` write cards again)."""
+    from orchestrator.model_card.write import write_stage_cards
+
+    try:
+        write_stage_cards(recipe, layout, stage)
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        console(f"[{stage}] warning: could not write the model cards: {exc}")
 
 
 def _steps(recipe: Recipe, stage: str) -> int:
@@ -197,40 +212,57 @@ def open_tracking(recipe: Recipe, rd: RunDir) -> TrackingSession:
     """The run directory's MLflow parent run (reused on every rerun). The full recipe becomes its params the
     first time; a rerun with changed values records them on the stage runs it redoes instead, since
     MLflow params cannot change."""
+    check_register(recipe)
     first = not os.path.exists(rd.layout.tracking_registry)
     return TrackingSession.open(recipe.tracking, rd.layout, recipe=recipe.model_dump(mode="json") if first else None,
                                 run_name=os.path.basename(rd.path))
 
 
+def check_register(recipe: Recipe) -> None:
+    """`tracking.register_models` names exports this recipe makes: a typo fails before any work, not after it."""
+    tasks = [t.name for t in recipe.finetune.tasks] if recipe.finetune is not None else []
+    known = ["teacher", "student"] + [f"finetune/{t}" for t in tasks]
+    unknown = [k for k in recipe.tracking.register_models if k not in known]
+    if unknown:
+        raise ValueError(f"tracking.register_models: {', '.join(map(repr, unknown))} is not an export of this recipe "
+                         f"(its exports: {', '.join(known)})")
+
+
 def record_stage(tracking: TrackingSession, name: str, manifest: StageManifest, layout: RunLayout,
                  model_dir: Optional[str], console: Callable[[str], None]) -> None:
-    """The manifest's statistics as metrics; manifest, sparsity report, plots and model as artifacts.
+    """The manifest's statistics as metrics, the run's headline results on the parent run, the data as
+    MLflow datasets; manifest, sparsity report, plots as artifacts; every export as an MLflow model with
+    its metrics and params (registered where `tracking.register_models` names it).
 
     Tracking problems after a stage finished only warn: the stage's outputs are safe on disk, and a
     multi-day run must not fail over a plot."""
     if name in ("preprocess", "finetune"):  # training stages log their metrics step by step as they run
-        numeric = {k: float(v) for k, v in flatten_params(manifest.stats).items() if _is_number(v)}
-        tracking.log_metrics(numeric, step=0, key=name)
+        tracking.log_metrics(stage_metrics(manifest.stats), step=0, key=name)
     tracking.log_artifact(layout.manifest(name), key=name)
-    if model_dir:
-        for report in report_paths(model_dir):
-            if report.exists():
-                tracking.log_artifact(str(report), "sparsity", key=name)
-        try:
+    try:
+        tracking.log_metrics(headline_metrics(name, manifest, layout))  # the parent run: runs compare by these
+        data = load_manifest(layout, "preprocess") if name in ("preprocess", "teacher", "student") else None
+        if data is not None:
+            records = pretraining_datasets(data)
+            tracking.log_datasets(records, key=name)
+            if name == "preprocess":
+                tracking.log_datasets(records)
+        exported = exports(name, manifest, layout)
+        for export in exported:
+            for report in report_paths(export.folder):
+                if report.exists():
+                    tracking.log_artifact(str(report), "sparsity", key=name)
+        if model_dir or exported:
             tracking.flush()
             tracking.log_stage_plots(name, layout.plots(name))
-            tracking.log_model(model_dir, key=name, name=f"{name}-model")
-        except Exception as exc:  # noqa: BLE001 - see docstring
-            console(f"[{name}] warning: could not record plots/model in MLflow: {exc}")
+        for export in exported:
+            registered = tracking.config.register_models.get(export.name)
+            tracking.log_model(export.folder, key=name, name=export.name.replace("/", "-") + "-model",
+                               task=export.task, registered_model_name=registered, metrics=export.metrics,
+                               params=export.params, step=export.step)
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        console(f"[{name}] warning: could not record results/plots/model in MLflow: {exc}")
     tracking.end_stage(name, "FINISHED")
-
-
-def _is_number(v: object) -> bool:
-    try:
-        float(v)  # type: ignore[arg-type]
-        return not isinstance(v, bool)
-    except (TypeError, ValueError):
-        return False
 
 
 def _prepare_attempt(layout: RunLayout, stage: str, fp: str, config: dict, inputs: dict, clean: bool) -> None:

@@ -1,6 +1,9 @@
 """`pofa status [RUN_DIR]` and `pofa runs`: where a run stands, from its directory alone (no Ray, no
-MLflow, no lock taken): each stage done (with its time and result), resumable at step N of M,
+MLflow, no lock kept): each stage done (with its time and result), resumable at step N of M,
 failed (the error's first line and its log), or not started; and whether a process holds the run now.
+
+A run folder that was copied or moved has its MLflow store pointed at its new place here, while no
+`pofa run` holds it (`orchestrator.tracking.relocate`): after `cp -r` and `pofa status`, MLflow opens it.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from orchestrator.console import format_duration
 from orchestrator.plan import committed_checkpoints, describe_progress
 from orchestrator.recipe.schema import Recipe
 from orchestrator.run_summary import key_result
+from orchestrator.rundir import lock_holder
+from orchestrator.tracking.relocate import relocate_if_free
 from workers.run_layout import RunLayout
 from workers.stage_outputs import ManifestError, load_manifest
 from workers.storage import is_uri
@@ -32,6 +37,8 @@ class StageState:
     stage: str
     state: str  # done | resumable | failed | started | not started
     detail: str
+    finished: Optional[float] = None  # when a done stage finished (epoch seconds)
+    result: str = ""  # a done stage's key result
 
     def line(self) -> str:
         return f"  {self.stage:<10s} {self.state:<12s} {self.detail}".rstrip()
@@ -54,8 +61,16 @@ class RunState:
         where = "all done" if current is None else f"{current.stage} {current.state}"
         if current is not None and current.state in ("resumable", "failed"):
             where += f" ({current.detail.split(';')[0][:60]})"
-        return (f"{os.path.basename(self.path):<36s} {done}/{len(self.stages)} stages  {where}"
-                + ("  [running]" if self.running else ""))
+        finished = [s.finished for s in self.stages if s.finished]
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(finished))) if finished else "-" * 16
+        headline = next((f"  {s.stage}: {s.result}" for s in reversed(self.stages)
+                         if s.state == "done" and s.stage in HEADLINE_STAGES and s.result), "")
+        return (f"{os.path.basename(self.path):<36s} {when}  {done}/{len(self.stages)} stages  {where}"
+                + ("  [running]" if self.running else "") + headline)
+
+
+# the stages whose result says what a run produced (the latest done one is shown by `pofa runs`)
+HEADLINE_STAGES = ("teacher", "student", "finetune")
 
 
 def run_state(path: str) -> RunState:
@@ -66,6 +81,7 @@ def run_state(path: str) -> RunState:
         raise StatusError(f"{path}: no such directory")
     layout = RunLayout.open(path)
     recipe = _recipe(layout)
+    relocate_if_free(layout)  # a copied or moved run: its MLflow store follows it
     return RunState(path=layout.root, recipe=recipe.name, running=_holder(layout),
                     stages=[stage_state(layout, recipe, s) for s in recipe.stages])
 
@@ -94,8 +110,9 @@ def stage_state(layout: RunLayout, recipe: Recipe, stage: str) -> StageState:
         raise StatusError(str(exc).splitlines()[0]) from None
     if manifest is not None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(manifest.finished))
-        return StageState(stage, "done", f"in {format_duration(manifest.wall_time_s)} (finished {when}); "
-                                         f"{key_result(stage, manifest, layout)}")
+        result = key_result(stage, manifest, layout)
+        return StageState(stage, "done", f"in {format_duration(manifest.wall_time_s)} (finished {when}); {result}",
+                          finished=manifest.finished, result=result)
     failure = _read_json(layout.failure(stage))
     progress = _progress(layout, recipe, stage)
     if failure is not None:
@@ -144,7 +161,10 @@ def _holder(layout: RunLayout) -> Optional[str]:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return f.read().strip() or "another process"
+            holder, opened_at = lock_holder(f.read())
+            if opened_at and opened_at != layout.root:  # moved while it runs: it writes to the old place
+                holder += f", which opened it at {opened_at} (moved since)"
+            return holder
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     return None
 

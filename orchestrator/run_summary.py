@@ -29,13 +29,13 @@ def key_result(stage: str, manifest: StageManifest, layout: RunLayout) -> str:
             text += f", sparsity {_f(out.sparsity if out.sparsity is not None else m.get('sparsity/global'), 3)}"
         return text
     if stage == "finetune":
-        from orchestrator.stages.finetune import task_results
+        from orchestrator.stages.finetune import HEADLINE_METRICS, task_results
 
         out = output_of(manifest, layout, FinetuneOutput)
         parts = []
         for name, task in out.tasks.items():
             res = task_results(task)
-            metric = next((k for k in ("accuracy", "f1", "exact_match", "mcc") if k in res), None)
+            metric = next((k for k in HEADLINE_METRICS if k in res), None)
             if metric is not None:
                 parts.append(f"{name} {metric} {_f(res[metric], 2)} ({len(task.seeds)} seed(s))")
         return "; ".join(parts) or f"{len(out.tasks)} task(s)"
@@ -65,9 +65,11 @@ def summary_lines(manifests: Mapping[str, StageManifest], layout: RunLayout) -> 
              _shown(layout, outputs_of(stage, m, layout))) for stage, m in manifests.items()]
     if not rows:
         return []
+    # the stages' own times (a skipped stage counts the time it took when it ran)
+    rows.append(("total", format_duration(sum(m.wall_time_s for m in manifests.values())), "", ""))
     widths = [max(len(r[i]) for r in rows + [("stage", "time", "result", "outputs")]) for i in range(3)]
     head = f"{'stage':{widths[0]}}  {'time':>{widths[1]}}  {'result':{widths[2]}}  outputs"
-    return ["", head] + [f"{s:{widths[0]}}  {t:>{widths[1]}}  {r:{widths[2]}}  {o}" for s, t, r, o in rows]
+    return ["", head] + [f"{s:{widths[0]}}  {t:>{widths[1]}}  {r:{widths[2]}}  {o}".rstrip() for s, t, r, o in rows]
 
 
 def _shown(layout: RunLayout, path: Optional[str]) -> str:

@@ -28,6 +28,17 @@ class RunDirError(RuntimeError):
     pass
 
 
+LOCK_PATH_PREFIX = "at "  # the lock file's second line: where the holder opened the run directory
+
+
+def lock_holder(text: str) -> tuple[str, Optional[str]]:
+    """(who holds the lock, the path it opened the run at) from the lock file's lines."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    holder = lines[0] if lines else "another process"
+    at = next((ln[len(LOCK_PATH_PREFIX):] for ln in lines[1:] if ln.startswith(LOCK_PATH_PREFIX)), None)
+    return holder, at
+
+
 def choose_run_dir(recipe: Recipe, explicit: Optional[str], root: str = DEFAULT_ROOT) -> str:
     """--run-dir, else the recipe's run_dir, else the newest ./runs/<name>-* whose result-defining
     settings are this recipe's (so rerunning the same command resumes it, with other workers or
@@ -122,10 +133,25 @@ class RunDir:
     def check_lease(self) -> None:
         """Before committing anything (a stage's manifest, the store sync): this process still holds
         the run. One that lost it (stalled past the expiry, another machine took over) stops here."""
-        problem = (self._lease.lost if self._lease is not None else None) or self.store.lease_problem()
+        problem = ((self._lease.lost if self._lease is not None else None) or self.store.lease_problem()
+                   or self._moved())
         if problem:
             raise RunDirError(f"run directory {self.where}: {problem}; this process stops without committing "
                               "anything more")
+
+    def _moved(self) -> Optional[str]:
+        """Why this process no longer holds the folder it locked: it was moved (or removed) meanwhile, so
+        what the run writes would go to a path that is no longer the run's."""
+        if self._lock is None:
+            return None
+        held = os.fstat(self._lock.fileno())
+        try:
+            here = os.stat(self.layout.lock)
+        except FileNotFoundError:
+            here = None
+        if here is None or (here.st_dev, here.st_ino) != (held.st_dev, held.st_ino):
+            return "was moved or removed while this run held it"
+        return None
 
     def _lock_local(self) -> None:
         os.makedirs(self.path, exist_ok=True)
@@ -134,13 +160,18 @@ class RunDir:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder, opened_at = lock_holder(f.read())
             f.close()
+            if opened_at and opened_at != self.path:
+                raise RunDirError(f"run directory {self.path} is in use by {holder}, which opened it at {opened_at}: "
+                                  "the folder was moved while that run holds it, and that run stops at its next "
+                                  "stage end without committing anything here; wait for it to stop (or stop it), "
+                                  "then rerun here to resume") from None
             raise RunDirError(f"run directory {self.path} is in use by {holder}; wait for it to finish "
                               "or choose another --run-dir") from None
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n{LOCK_PATH_PREFIX}{self.path}\n")
         f.flush()
         self._lock = f
 

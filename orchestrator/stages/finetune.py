@@ -63,8 +63,9 @@ def task_results(task: FinetuneTaskOutput) -> dict[str, Any]:
 
 
 def _copy_model(src: str, dst: str) -> None:
+    # without the seed's card: cards are rewritten after the stage, so one must never be a recorded output
     with atomic_dir(dst) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md"))
 
 
 def _finished(run: TrainRunLayout) -> Optional[FinetuneRunOutput]:
@@ -145,6 +146,7 @@ class FinetuneStage:
         write_json_atomic(record.model_dump(mode="json"), run.result)
         ctx.run_dir.sync_up(run.root)  # a finished run is skipped on any later rerun, on any node
         if tracking is not None:
+            _log_run_model(tracking, key, task.name, record, ctx)
             with self._tracking_lock:
                 tracking.end_stage(key, "FINISHED")
         return record
@@ -228,6 +230,23 @@ class FinetuneStage:
         return self._run_one(ctx, task, f"seed-{seed}", student, seed, teacher_dir, n_train)
 
 
+def _log_run_model(tracking: Any, key: str, task: str, record: FinetuneRunOutput, ctx: StageContext) -> None:
+    """The run's export as an MLflow model in its own run, with its results; the first seed's is the task's
+    export (`finetune/<task>/model`), registered where `tracking.register_models` names it. A tracking
+    problem only warns (the model is safe on disk)."""
+    from orchestrator.tracking.results import run_export
+
+    export = run_export(task, record, ctx.layout)
+    first_seed = record.name == f"seed-{_section(ctx.recipe).seeds[0]}"
+    registered = tracking.config.register_models.get(f"finetune/{task}") if first_seed else None
+    try:
+        tracking.log_model(export.folder, key=key, name=key.replace("/", "-"), task=export.task,
+                           registered_model_name=registered, metrics=export.metrics, params=export.params,
+                           step=export.step)
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        say(f"[finetune] {key}: warning: could not log its model to MLflow: {exc}")
+
+
 def _announce(event: str, node: Node, counts: dict[str, int]) -> None:
     """One console line per run that starts or ends, with where the stage stands."""
     detail = ""
@@ -235,10 +254,20 @@ def _announce(event: str, node: Node, counts: dict[str, int]) -> None:
         detail = f": {(str(node.error).strip().splitlines() or [type(node.error).__name__])[0][:200]}"
     elif event == "skipped":
         detail = f": {node.skipped}"
-    elif event == "finished" and node.started:
-        detail = f" in {node.finished - node.started:.0f}s"
+    elif event == "finished" and node.started is not None and node.finished is not None:
+        detail = f" in {node.finished - node.started:.0f}s" + _headline(node.result)
     say(f"[finetune] {node.name} {event}{detail} ({counts['running']} running, {counts['done']}/{counts['total']} "
         "done)")
+
+
+HEADLINE_METRICS = ("accuracy", "f1", "exact_match", "m_accuracy", "mcc")  # the first a task reports is its headline
+
+
+def _headline(result: Any) -> str:
+    """`: accuracy 70.00` for a finished run's record; "" for anything else."""
+    metrics = getattr(result, "metrics", None) or {}
+    name = next((m for m in HEADLINE_METRICS if m in metrics), None)
+    return f": {name} {metrics[name]:.2f}" if name else ""
 
 
 def _export(ctx: StageContext, stage: str) -> str:

@@ -35,6 +35,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _link(layout: RunLayout, path: str) -> str:
+    """A link from `report/README.md` to `path` inside the run, relative: it resolves wherever the run folder is."""
+    rel = layout.rel(path)
+    return f"[{rel}](../{rel})"
+
+
 def _models(layout: RunLayout, manifests: Mapping[str, StageManifest]) -> dict[str, str]:
     """stage -> its exported model folder, from the training stages' output records."""
     return {s: layout.path(output_of(manifests[s], layout, TrainingOutput).model)
@@ -57,7 +63,7 @@ def render_report(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, Sta
     sp = _sparsity(models)
     if "student" in models:
         target = recipe.student.pruning.schedule.final_sparsity if recipe.student else None
-        out += [f"Sparse model: `{models['student']}` "
+        out += [f"Sparse model: {_link(layout, models['student'])} "
                 f"(global sparsity {_fmt(sp['global_sparsity']) if sp else '–'}, target {_fmt(target)}).", ""]
     pre = manifests["preprocess"].stats if "preprocess" in manifests else None
     if pre:
@@ -79,7 +85,8 @@ def render_report(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, Sta
     out += render_inference(inference)
     out += ["## Wall time", "", _table(["stage", "seconds"], [[s, m.wall_time_s] for s, m in manifests.items()]), ""]
     if models:
-        out += ["## Exported models", "", _table(["stage", "Hugging Face folder"], [[s, m] for s, m in models.items()]),
+        out += ["## Exported models", "", _table(["stage", "Hugging Face folder"],
+                                                 [[s, _link(layout, m)] for s, m in models.items()]),
                 ""]
     out += ["## Recipe", "", "```yaml", dump_recipe(recipe).rstrip(), "```", ""]
     return "\n".join(out)
@@ -104,7 +111,7 @@ def _downstream(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, Stage
     out += ["Per seed (the export's global sparsity beside it):", "", seed_table(results), "",
             "Every run (runs of the stage train side by side when the cluster has room):", "",
             _runs_table(finetuned), "",
-            "Fine-tuned models: " + ", ".join(f"`{layout.path(t.model)}`" for t in finetuned.tasks.values()),
+            "Fine-tuned models: " + ", ".join(_link(layout, layout.path(t.model)) for t in finetuned.tasks.values()),
             ""]
     return out
 
@@ -138,13 +145,18 @@ class ReportStage:
         path = layout.report
         inference = run_inference(ctx.recipe, layout, manifests, ctx.tracker)  # report/inference.json
         write_text_atomic(render_report(ctx.recipe, layout, manifests, inference), path)
+        from orchestrator.model_card.records import RunRecords
+        from orchestrator.model_card.write import write_run_cards
+
+        # every export's card again, now with the downstream results and the inference figures
+        cards = write_run_cards(RunRecords.read(layout, ctx.recipe, manifests))
         student = _models(layout, manifests).get("student")
         png = report_paths(student)[1] if student else None
         if png is not None and png.exists():  # the per-layer chart the README shows
             shutil.copyfile(png, os.path.join(os.path.dirname(path), png.name))
         ctx.tracker.log_artifact(path, "report")
         outputs = layout.file_hashes(self.name, os.path.dirname(path))
-        stats: dict[str, Any] = {"stages_reported": sorted(manifests)}
+        stats: dict[str, Any] = {"stages_reported": sorted(manifests), "model_cards": len(cards)}
         if inference is not None:
             stats["inference_models"] = len(inference["models"])
             stats["inference_not_measured"] = sum(1 for r in inference["models"] if r["error"])

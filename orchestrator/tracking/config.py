@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -9,6 +10,9 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workers.run_layout import RunLayout
+
+
+EXPORT_NAME = re.compile(r"teacher|student|finetune/[A-Za-z0-9_-]+")
 
 
 class TrackingConfig(BaseModel):
@@ -36,6 +40,9 @@ class TrackingConfig(BaseModel):
     boundary_retry_s: float = Field(default=60.0, ge=0)
     # The start-up reachability check of a remote server fails after this long.
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Exports to register in MLflow's model registry: export (teacher, student, finetune/<task>) ->
+    # registered model name; each run that exports it adds a version.
+    register_models: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("uri")
     @classmethod
@@ -46,6 +53,18 @@ class TrackingConfig(BaseModel):
             raise ValueError(f"tracking.uri {shown(value)!r} carries credentials, which the recipe would save, log "
                              "as a param and print: give a server's through MLFLOW_TRACKING_USERNAME / "
                              "MLFLOW_TRACKING_PASSWORD, a database URI through MLFLOW_TRACKING_URI in the environment")
+        return value
+
+    @field_validator("register_models")
+    @classmethod
+    def _check_register(cls, value: dict[str, str]) -> dict[str, str]:
+        for export, name in value.items():
+            if not EXPORT_NAME.fullmatch(export):
+                raise ValueError(f"tracking.register_models: {export!r} is not an export; expected teacher, student or "
+                                 "finetune/<task>")
+            if not name.strip() or "/" in name or ":" in name:
+                raise ValueError(f"tracking.register_models.{export}: {name!r} is not a registered model name "
+                                 "(non-empty, without '/' or ':')")
         return value
 
     @field_validator("experiment")

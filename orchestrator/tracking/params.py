@@ -26,7 +26,7 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping) and value:
             flat.update(flatten_params(value, name))
         else:
-            flat[_clean_key(name)] = _clip(_to_text(value), MAX_VALUE_LENGTH)
+            flat[clean_key(name)] = _clip(_to_text(value), MAX_VALUE_LENGTH)
     return flat
 
 
@@ -38,7 +38,8 @@ def _to_text(value: Any) -> str:
     return str(value)
 
 
-def _clean_key(key: str) -> str:
+def clean_key(key: str) -> str:
+    """A key MLflow accepts: other characters become `_`, at most MAX_KEY_LENGTH long."""
     key = _BAD_KEY_CHARS.sub("_", key)
     return _clip(key, MAX_KEY_LENGTH)
 

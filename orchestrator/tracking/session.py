@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from workers.run_layout import RunLayout
 from workers.tracking import NullTracker, Tracker
@@ -22,10 +22,12 @@ from orchestrator.tracking.connection import (
     apply_request_settings,
     check_reachable,
 )
+from orchestrator.tracking.datasets import DatasetRecord
 from orchestrator.tracking.kept_calls import KeptCalls
 from orchestrator.tracking.models import log_hf_model
 from orchestrator.tracking.params import flatten_params
 from orchestrator.tracking.registry import RunRegistry, StageEntry, StoreEntry
+from orchestrator.tracking.relocate import LOCAL_STORE_KEY, relocate_store
 from orchestrator.tracking.retry import retry_transient
 from orchestrator.tracking.tags import (
     PARENT_RUN_TAG,
@@ -41,7 +43,6 @@ logger = logging.getLogger("pofa.tracking")
 T = TypeVar("T")
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PARAMS_PER_REQUEST = 100
-LOCAL_STORE_KEY = "run-directory:mlflow.db"
 
 
 class TrackingSession:
@@ -90,6 +91,8 @@ class TrackingSession:
         session = cls(config, run_dir)
         if session.enabled:
             apply_request_settings(config.request_timeout_s, config.request_max_retries)
+            if session.is_run_store:
+                session._relocate()
             name = run_name or session.run_dir.name
             all_tags = {**default_tags(), **dict(tags or {})}  # the caller adds Ray address and workers
 
@@ -107,12 +110,26 @@ class TrackingSession:
         return self.store.uri
 
     @property
+    def is_run_store(self) -> bool:
+        """The store is the run directory's own `mlflow.db` (not a server or another database)."""
+        return self._key == LOCAL_STORE_KEY
+
+    @property
     def parent_run_id(self) -> str | None:
         return self._entry.parent_run_id if self._entry else None
 
     @property
     def experiment_id(self) -> str | None:
         return self._entry.experiment_id if self._entry else None
+
+    def _relocate(self) -> None:
+        """A copied or moved run: its store's artifact locations are pointed at where the folder is now."""
+        import sqlite3
+
+        try:
+            relocate_store(self.layout)
+        except sqlite3.Error as exc:  # MLflow reports the store's state itself when the run opens it
+            logger.warning("pofa: could not update the MLflow store of %s to its new place: %s", self.run_dir, exc)
 
     def _open_parent(self, run_name: str, tags: dict[str, str]) -> None:
         entry = self._registry.stores.get(self._key) or self._registry.stores.get(self.uri)
@@ -307,12 +324,26 @@ class TrackingSession:
 
     def log_model(self, model_dir: str | os.PathLike[str], *, key: str | None = None,
                   name: str = "model", task: str = "fill-mask",
-                  registered_model_name: str | None = None) -> str | None:
-        """Log an exported HF folder as an MLflow transformers model; returns its model URI."""
+                  registered_model_name: str | None = None, metrics: Mapping[str, float] | None = None,
+                  params: Mapping[str, Any] | None = None, step: int = 0) -> str | None:
+        """Log an exported HF folder as an MLflow transformers model with its metrics and params (the
+        config that made it) at training step `step`; returns its model URI."""
         if not self.enabled:
             return None
+        source = self.layout.rel(str(model_dir)) if self.layout.contains(str(model_dir)) else None
+        flat = flatten_params(params) if params else None
         return self._boundary(lambda: log_hf_model(self.uri, self._run_id_of(key), model_dir, name=name, task=task,
-                                                   registered_model_name=registered_model_name))
+                                                   registered_model_name=registered_model_name, metrics=metrics,
+                                                   params=flat, source=source, step=step))
+
+    def log_datasets(self, records: Sequence[DatasetRecord], key: str | None = None) -> None:
+        """Record the data stage `key` (None: the parent run) trained on or wrote, as MLflow dataset inputs."""
+        if not self.enabled or not records:
+            return
+        from orchestrator.tracking.datasets import to_inputs
+
+        self._boundary(lambda: self._retry("log the datasets", lambda: self.client.log_inputs(
+            self._run_id_of(key), datasets=to_inputs(list(records)))))
 
     def log_stage_plots(self, key: str, out_dir: str | os.PathLike[str]) -> list[Path]:
         """Draw `loss.png` / `sparsity.png` from what stage `key` logged and attach them to its run.

@@ -2,6 +2,7 @@
 MLflow. Shortened: fewer documents and steps, one fine-tuning seed."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ SHORT = ["preprocess.source.max_documents=30", "ray.num_cpus=2",
          "student.max_steps=40", "student.eval_every=20", "student.checkpoint_every=20",
          "student.pruning.schedule.policy_end_step=20", "student.pruning.schedule.end_pruning_step=30",
          "student.pruning.schedule.pruning_frequency=10",
-         "finetune.seeds=[42]"]
+         "finetune.seeds=[42]", "tracking.register_models.finetune/polarity=tiny-polarity"]
 
 
 def _pofa(run_dir, *extra, timeout=900):
@@ -180,6 +181,52 @@ def test_report_has_an_inference_row_per_export(tiny_run):
     assert "inference.polarity.seed-42.throughput_speedup" in stage.data.metrics
 
 
+EXPORTS = ("teacher/model", "student/model", "finetune/polarity/teacher/model", "finetune/polarity/seed-42/model",
+           "finetune/polarity/model")
+
+
+def test_every_export_has_a_model_card_the_hub_parser_reads(tiny_run):
+    """Each export's README.md: metadata and model-index results that huggingface_hub reads back, the
+    student's with the downstream mean and the inference figures; MLflow records the card's license."""
+    from huggingface_hub import ModelCard, metadata_load
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    run_dir, _, _ = tiny_run
+    for folder in EXPORTS:
+        path = run_dir / folder / "README.md"
+        card = ModelCard.load(path)
+        assert card.data.license == "apache-2.0" and card.data.eval_results, folder
+        assert metadata_load(path)["model-index"][0]["results"], folder
+    student = ModelCard.load(run_dir / "student" / "model" / "README.md")
+    mean = json.load(open(run_dir / "finetune" / "manifest.json"))["stats"]["results"]["polarity"]["accuracy"]
+    results = {r.metric_name: r.metric_value for r in student.data.eval_results}
+    assert results["accuracy (fine-tuned, pattern locked, mean of 1 seed)"] == pytest.approx(mean, abs=0.01)
+    assert "sparsity-90" in student.data.tags and "| student | 0.900 |" in student.text  # inference row
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    logged = {m.name: m for m in client.search_logged_models(experiment_ids=experiments)}
+    license_file = download_artifacts(artifact_uri=logged["student-model"].artifact_location + "/LICENSE.txt",
+                                      dst_path=str(run_dir.parent / "license-check"))
+    text = open(license_file).read()
+    assert "License: apache-2.0" in text and "huggingface.co" not in text
+
+
+def test_pofa_export_writes_a_folder_the_auto_classes_load(tiny_run):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, _, _ = tiny_run
+    out = run_dir.parent / "exported-seed"
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "export", str(run_dir), "--stage",
+                          "finetune/polarity/42", "--to", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    model = AutoModelForSequenceClassification.from_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(out))
+    assert model.config.num_labels == 2 and json.load(open(out / "sparsity.json"))["global_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert ModelCard.load(out / "README.md").data.eval_results[0].dataset_type == "polarity"
+
+
 def test_training_honours_the_masking_contract(tiny_run):
     """The default tiny data (length 128, up to 20 predictions) give BERT's ~15% of MLM targets at
     every logged step of both pretraining stages."""
@@ -216,6 +263,20 @@ def test_mlflow_parent_nested_runs_and_metrics(tiny_run):
     assert any(k.startswith("sparsity/") and k != "sparsity/global" for k in student.data.metrics)
     assert children["preprocess"].data.metrics["instances_train"] > 0
     assert ids and parents[0].data.params["preprocess.max_seq_length"] == "128"
+    # the parent carries the results runs are compared by; ids and timestamps are no metrics
+    headline = parents[0].data.metrics
+    for key in ("teacher/val/mlm_acc", "teacher/val/nsp_acc", "student/val/mlm_acc", "student/val/nsp_acc"):
+        assert headline[key] == children[key.split("/")[0]].data.metrics[key.split("/", 1)[1]], key
+    assert headline["student/sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert headline["finetune/polarity/accuracy"] == seed.data.metrics["eval/accuracy"]
+    assert "data/batch" not in student.data.metrics and "data/masked_fraction" in student.data.metrics
+    assert "data/masked_fraction" not in seed.data.metrics  # no MLM in fine-tuning
+    assert not [k for k in children["finetune"].data.metrics if k.startswith("runs.")]
+    # the pretraining data as MLflow datasets: on the parent and on the runs that trained on it
+    for run in (parents[0], children["teacher"], student):
+        data = {d.dataset.name: json.loads(d.dataset.profile) for d in run.inputs.dataset_inputs}
+        assert data["pretraining-train"]["num_rows"] == children["preprocess"].data.metrics["instances_train"]
+        assert data["pretraining-validation"]["num_rows"] == children["preprocess"].data.metrics["instances_validation"]
 
 
 def test_rerun_skips_every_stage_and_reuses_the_parent_run(tiny_run):
@@ -278,3 +339,77 @@ def test_student_follows_the_references_lr_loss_and_regrows(tiny_run):
     cubic = [0.9 * (1 - (1 - min(t, 20) / 20) ** 3) for t in (0, 10, 20, 30)]
     assert [train[s]["sparsity/target"] for s in sorted(regrown)] == pytest.approx(cubic, abs=1e-9)
     assert curve == pytest.approx(cubic, abs=1e-3)
+
+
+def test_every_export_is_an_mlflow_model_with_its_metrics(tiny_run, monkeypatch):
+    """Teacher, student and each fine-tuning run's export: MLflow models that pyfunc loads, each with its
+    results; the task's export (its first seed's) registered as the recipe's tracking.register_models says."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    run_dir, _, _ = tiny_run
+    store = f"sqlite:///{run_dir}/mlflow.db"
+    client = MlflowClient(store)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    logged = {m.name: m for m in client.search_logged_models(experiment_ids=experiments)}
+    assert {"teacher-model", "student-model", "finetune-polarity-teacher", "finetune-polarity-seed-42"} <= set(logged)
+    metrics = {name: {m.key: m.value for m in model.metrics} for name, model in logged.items()}
+    assert metrics["student-model"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert "val/mlm_acc" in metrics["student-model"]
+    seed = json.load(open(run_dir / "finetune" / "polarity" / "seed-42" / "result.json"))
+    assert metrics["finetune-polarity-seed-42"]["accuracy"] == seed["metrics"]["accuracy"]
+    assert metrics["finetune-polarity-seed-42"]["eval/accuracy"] == seed["metrics"]["accuracy"]  # its last step's
+    assert "results.polarity.accuracy" not in metrics["finetune-polarity-seed-42"]  # no stage statistics
+    assert logged["student-model"].params["student.pruning.schedule.final_sparsity"] == "0.9"
+    assert logged["student-model"].tags["pofa.model_dir"] == "student/model"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    for name, model in logged.items():
+        assert mlflow.pyfunc.load_model(f"models:/{model.model_id}") is not None, name
+    pipe = mlflow.transformers.load_model("models:/tiny-polarity/1")
+    assert pipe.task == "text-classification" and pipe("a good film")[0]["label"]
+    version = MlflowClient(store).get_model_version("tiny-polarity", "1")
+    assert version.source == f"models:/{logged['finetune-polarity-seed-42'].model_id}"
+
+
+def test_a_copied_run_works_with_the_original_gone(tiny_run, tmp_path, monkeypatch):
+    """`cp -r` of a finished run, the original gone from its place: `pofa status` and `plan` read the copy,
+    MLflow lists its artifacts and loads its student, and the report's links resolve inside the copy."""
+    import re
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    run_dir, _, _ = tiny_run
+    copy = tmp_path / "shared" / "tiny-copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+    aside = run_dir.parent / (run_dir.name + "-aside")
+    os.rename(run_dir, aside)  # the original is gone from its path (kept aside for the module's other tests)
+    try:
+        status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", str(copy)],
+                                capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr
+        for stage in ("preprocess", "teacher", "student", "finetune", "report"):
+            assert f"{stage:<10s} done" in status.stdout, status.stdout
+        plan = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", "tiny", "--run-dir", str(copy)]
+                              + [a for s in SHORT for a in ("--set", s)], capture_output=True, text=True, timeout=120)
+        assert plan.returncode == 0 and plan.stdout.count("] skip: up to date") == 5, plan.stdout + plan.stderr
+
+        store = f"sqlite:///{copy}/mlflow.db"
+        client = MlflowClient(store)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        student = next(r for r in runs if r.data.tags.get("pofa.stage") == "student")
+        assert "sparsity" in {a.path for a in client.list_artifacts(student.info.run_id)}
+        model = next(m for m in client.search_logged_models(experiment_ids=[student.info.experiment_id])
+                     if m.name == "student-model")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+        pipe = mlflow.transformers.load_model(f"models:/{model.model_id}")
+        assert pipe.task == "fill-mask" and pipe("the [MASK] of the city")
+
+        report = (copy / "report" / "README.md").read_text()
+        links = re.findall(r"\]\((?!https?:)([^)]+)\)", report)
+        assert any(link.endswith("student/model") for link in links)
+        for link in links:
+            assert (copy / "report" / link).exists(), link
+        assert str(run_dir) not in report
+    finally:
+        os.rename(aside, run_dir)

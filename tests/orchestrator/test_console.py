@@ -99,6 +99,8 @@ def test_formats() -> None:
     assert format_duration(42.4) == "42s" and format_duration(125) == "2m05s" and format_duration(7322) == "2h02m"
     line = progress_line("student", 150, 300, {"loss": 2.5, "sparsity/global": 0.45}, 90)
     assert line == "[student] step 150/300 (50%)  loss 2.5000  sparsity 0.450  ETA 1m30s"
+    kd = progress_line("student", 150, 300, {"loss": 2.5, "loss/hard": 3.0, "loss/kd": 2.0}, None)
+    assert kd == "[student] step 150/300 (50%)  loss 2.5000 (hard 3.000, KD 2.000)"
 
 
 def test_the_preprocess_line_counts_source_bytes_and_begins_with_its_first_report() -> None:

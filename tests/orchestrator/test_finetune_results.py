@@ -28,3 +28,26 @@ def test_table_without_published_figures_and_seed_rows() -> None:
     assert "Polarity (gensim)" in table and "(published)" not in table and "| 70.00 |" in table
     rows = seed_table(results).splitlines()
     assert rows[2] == "| polarity | 42 | accuracy=65.00 | 0.9000 |" and len(rows) == 4
+
+
+def test_a_finished_run_says_its_result_on_the_console() -> None:
+    from orchestrator.run_graph import Node
+    from orchestrator.stages.finetune import _announce
+    from workers import console_lines
+    from workers.stage_outputs import FinetuneRunOutput
+
+    said: list[str] = []
+    undo = console_lines.install(said.append)
+    try:
+        done = Node("polarity/seed-42", run=lambda: None, started=100.0, finished=145.0,
+                    result=FinetuneRunOutput(name="seed-42", seed=42, model="finetune/polarity/seed-42/model",
+                                             final_step=40, metrics={"loss": 0.6, "accuracy": 70.0}))
+        _announce("finished", done, {"running": 1, "done": 2, "total": 3})
+        squad = Node("squad/seed-1", run=lambda: None, started=0.0, finished=9.0,
+                     result=FinetuneRunOutput(name="seed-1", seed=1, model="m", final_step=1,
+                                              metrics={"exact_match": 80.0, "f1": 88.25}))
+        _announce("finished", squad, {"running": 0, "done": 3, "total": 3})
+    finally:
+        undo()
+    assert said == ["[finetune] polarity/seed-42 finished in 45s: accuracy 70.00 (1 running, 2/3 done)",
+                    "[finetune] squad/seed-1 finished in 9s: f1 88.25 (0 running, 3/3 done)"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 
 import pytest
 
@@ -51,6 +52,16 @@ def test_a_run_in_progress_is_shown_as_running(killed) -> None:
     assert run_state(killed.path).running is None
 
 
+def test_a_run_moved_while_in_progress_says_where_its_holder_opened_it(killed, tmp_path) -> None:
+    killed.acquire(lambda line: None)
+    try:
+        os.rename(killed.path, tmp_path / "moved")
+        running = run_state(str(tmp_path / "moved")).running
+        assert running.startswith(f"pid {os.getpid()}") and f"opened it at {killed.path} (moved since)" in running
+    finally:
+        killed.release()
+
+
 def test_a_failed_stage_shows_its_error_and_log(tmp_path, monkeypatch, capsys) -> None:
     """The real job graph and console: the report stage fails; the console names the stage, the error and
     the log that holds the traceback; `pofa status` reads the same from the run directory."""
@@ -82,6 +93,14 @@ def test_runs_lists_every_run_under_the_root(killed, tmp_path, capsys) -> None:
     assert main(["runs", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0].startswith("run ") and "1/5 stages  teacher resumable (at step 300 of 500" in out[0]
+    finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(run_state(killed.path).stages[0].finished))
+    assert f" {finished}  1/5 stages" in out[0]  # when it last moved
+    assert "  teacher: " not in out[0] and "  preprocess: " not in out[0]  # no headline: preprocess only
+
+    _finish(killed, load_recipe("tiny"), "teacher")  # the teacher done: its result is the run's headline
+    assert main(["runs", "--root", str(tmp_path)]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "2/5 stages  student not started  teacher: step 500: val/mlm_acc" in line
 
 
 @pytest.mark.parametrize("make, message", [
@@ -113,3 +132,16 @@ def test_a_job_id_still_reaches_the_jobs_api(capsys, monkeypatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["status", "raysubmit_abc123"]) == 2  # the job command: no --address given
     assert "--address" in capsys.readouterr().err
+
+
+def test_the_closing_table_ends_with_the_total_of_the_stages_times(killed) -> None:
+    from orchestrator.run_summary import summary_lines
+    from workers.stage_outputs import load_manifest
+
+    _finish(killed, load_recipe("tiny"), "teacher")
+    manifests = {s: load_manifest(killed.layout, s) for s in ("preprocess", "teacher")}
+    lines = summary_lines(manifests, killed.layout)
+    assert lines[1].split() == ["stage", "time", "result", "outputs"]
+    assert [line.split()[0] for line in lines[2:]] == ["preprocess", "teacher", "total"]
+    total = sum(m.wall_time_s for m in manifests.values())
+    assert lines[-1].split() == ["total", f"{int(total)}s"] and lines[-1] == lines[-1].rstrip()

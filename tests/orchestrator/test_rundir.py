@@ -42,3 +42,24 @@ def test_default_run_dir_resumes_the_same_recipe(tmp_path):
     changed = load_recipe("tiny", ["seed=1"])
     assert choose_run_dir(changed, None, root) != first
     assert choose_run_dir(recipe, str(tmp_path / "x"), root) == str(tmp_path / "x")
+
+
+def test_a_run_folder_moved_while_held_is_named_by_the_lock(tmp_path):
+    """`mv` of a run folder under a `pofa run`: a second process at the new place is told the holder opened it
+    elsewhere, and the holder stops before committing anything to a path that is no longer the run's."""
+    rd = RunDir(str(tmp_path / "run"))
+    rd.acquire()
+    try:
+        rd.check_lease()  # in place: nothing to say
+        os.rename(tmp_path / "run", tmp_path / "moved")
+        code = ("from orchestrator.rundir import RunDir, RunDirError\n"
+                f"try:\n    RunDir({str(tmp_path / 'moved')!r}).acquire()\nexcept RunDirError as e:\n"
+                "    print(e); raise SystemExit(3)\n")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert res.returncode == 3, res.stderr
+        assert f"in use by pid {os.getpid()}" in res.stdout and f"opened it at {tmp_path / 'run'}" in res.stdout
+        assert "moved while that run holds it" in res.stdout
+        with pytest.raises(RunDirError, match="was moved or removed while this run held it"):
+            rd.check_lease()
+    finally:
+        rd.release()

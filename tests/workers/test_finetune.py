@@ -102,7 +102,7 @@ def test_sentiment_locked_student_with_kd_and_resume(ray_local, models, tmp_path
     assert {"loss/hard", "loss/kd", "eval/accuracy"} <= set(result.metrics)
     with open(student.run.metrics) as f:
         logged = [json.loads(line) for line in f]
-    assert all(r["data/masked_fraction"] == 0.0 for r in logged)  # no MLM in fine-tuning, and it says so
+    assert logged and not any("data/masked_fraction" in r for r in logged)  # no MLM in fine-tuning: not logged
     evaluated = [r for r in logged if "sparsity/target" in r]
     assert evaluated and all(abs(r["sparsity/target"] - 0.9) < 1e-3 for r in evaluated)  # the locked level, not 0
 

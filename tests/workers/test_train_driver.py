@@ -126,6 +126,22 @@ def test_a_tracking_outage_never_stops_training(tmp_path, caplog):
     assert not os.path.exists(tmp_path / "other.jsonl")
 
 
+def test_a_batch_digest_stays_in_the_local_record_and_is_no_tracked_metric(tmp_path):
+    """`data/batch` identifies the samples (metrics.jsonl keeps it for comparing runs); plotted it is noise."""
+    from workers.tracking import NullTracker
+
+    sent: list[dict] = []
+
+    class Recording(NullTracker):
+        def log_metrics(self, metrics, step, timestamp_ms=None):
+            sent.append(dict(metrics))
+
+    tracker = SafeTracker(Recording(), str(tmp_path / "metrics.jsonl"), enabled=True)
+    tracker.log({"loss": 0.5, "data/batch": 12345.0}, 1)
+    assert sent == [{"loss": 0.5}]
+    assert json.loads(open(tmp_path / "metrics.jsonl").read())["data/batch"] == 12345.0
+
+
 def test_summary_fits_one_screen():
     text = format_summary({"stage": "student", "final_step": 6, "max_steps": 6, "start_steps": [0, 2],
                            "elapsed_s": 12.5, "world_size": 2, "global_batch_size": 16, "zero_stage": 2,

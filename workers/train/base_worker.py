@@ -226,8 +226,9 @@ class BaseWorker:
         metrics = {n: float(v) for n, v in zip(names, mean.tolist())}
         total_targets, total_maskable = reduced[-2:].tolist()
         metrics.update({"lr": lr, "throughput/samples_per_s": self.cfg.global_batch_size / max(elapsed, 1e-9),
-                        "epoch": float(self.cursor.epoch), **data_metrics,
-                        MASKED_FRACTION: total_targets / total_maskable if total_maskable else 0.0})
+                        "epoch": float(self.cursor.epoch), **data_metrics})
+        if total_maskable:  # no MLM (fine-tuning): a fraction that does not apply is not logged
+            metrics[MASKED_FRACTION] = total_targets / total_maskable
         if masks_changed:  # logged at the step whose forward first used the new masks
             metrics.update(self.pruning.update_metrics())
         return metrics

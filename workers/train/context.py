@@ -43,6 +43,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# Ids kept in metrics.jsonl (a run's record; tests compare them across worker counts) but not sent to the
+# tracker: plotted as a metric, a digest is a meaningless curve.
+RECORD_ONLY = frozenset({"data/batch"})
+
+
 class SafeTracker:
     """Rank 0 logs to the injected tracker and to a local JSONL file; a tracking error is a warning."""
 
@@ -65,7 +70,8 @@ class SafeTracker:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        self._guard(self.tracker.log_metrics, dict(metrics), step)
+        measured = {k: v for k, v in metrics.items() if k not in RECORD_ONLY}
+        self._guard(self.tracker.log_metrics, measured, step)
 
     def tags(self, tags: Mapping[str, str]) -> None:
         if self.enabled:
