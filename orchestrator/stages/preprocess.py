@@ -9,6 +9,7 @@ from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import StageContext, StageResult
 from pipelines.config_keys import result_defining
 from pipelines.data.config import SourceConfig
+from pipelines.data.multistream import index_path
 
 
 def source_identity(src: SourceConfig) -> dict[str, Any]:
@@ -16,6 +17,8 @@ def source_identity(src: SourceConfig) -> dict[str, Any]:
     if src.kind == "hf_dataset" and not src.path:
         return {"hub": src.name, "config": src.config, "split": src.split, "revision": src.revision}
     paths = src.files() if src.kind != "hf_dataset" else [src.path]
+    if src.kind == "wikipedia_xml":  # a multistream dump's index decides its windows, and so its shards
+        paths += [i for i in map(index_path, list(paths)) if i is not None and i not in paths]
     out = []
     for p in paths:
         st = os.stat(p)

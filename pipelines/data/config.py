@@ -24,6 +24,9 @@ class SourceConfig(_Strict):
                      dataset folder saved with `save_to_disk`
       jsonl/parquet  local files with a text column (optional id/title columns); `path` may be a glob
       text           plain text, one document per blank-line separated block
+    read_unit_mb: how much of a file one reader task reads (bz2 dumps by their multistream index or their
+      bzip2 blocks, uncompressed JSON Lines/text/XML by byte ranges aligned to records, Parquet by row
+      groups; gzip and other compressed text files, and any file under `max_documents`, are one unit).
     sentence_per_line (text only): the BERT pretraining input format, one sentence per line and a blank line
       between documents; each line is kept as exactly one sentence. Default true for `text`; false = a
       block's lines are joined and split into sentences by the segmenter (sentencex). Other kinds are always
@@ -43,6 +46,9 @@ class SourceConfig(_Strict):
     title_column: Optional[str] = "title"
     max_documents: Optional[int] = Field(default=None, gt=0)
     sentence_per_line: Optional[bool] = None  # None: the kind's default (see `splits_lines`)
+    # Stored (compressed) MB each reader task reads: one file is read by many readers at once. Changes no
+    # output byte (shards are cut by the data, see pipelines/data/units.py); larger than a file: one unit.
+    read_unit_mb: float = operational(32.0, gt=0)
 
     @model_validator(mode="after")
     def _check_sentence_per_line(self) -> "SourceConfig":

@@ -116,7 +116,7 @@ class PeakRSS:
 def in_process(cfg: PreprocessConfig, tokenizer, out: str) -> None:
     """The stage worker's work on every shard, called directly: one process, one thread, no Ray."""
     def flush(unit: int, chunk: int, docs: list) -> None:
-        sid = shard_id(unit, chunk)
+        sid = shard_id(unit, 0, chunk)  # (file, window, chunk): the timing does not need the windows
         tables, _ = process_shard(docs, sid, cfg, 42, tokenizer)
         for split in SPLITS:
             if tables[split].num_rows:

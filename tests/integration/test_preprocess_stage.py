@@ -150,6 +150,8 @@ def test_cli_end_to_end_and_lock(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     summary = first.stdout[first.stdout.index("\nstage "):]  # the run's closing table
     assert "[preprocess] done" in first.stdout and "outputs" in summary and " instances, " in summary
+    assert "[preprocess] running\n" in first.stdout  # a first start: no "(not started)"
+    assert "\ntotal " in summary and "pofa: done in " in summary.splitlines()[-1]
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert "[preprocess] up to date (manifest matches): skipped" in second.stdout
     assert os.path.exists(tmp_path / "run" / "recipe.yaml")

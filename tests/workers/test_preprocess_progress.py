@@ -9,7 +9,7 @@ from pipelines.data.config import PreprocessConfig
 from pipelines.data.sources import read_units
 from tests.workers.train_fixture import make_preprocess
 from workers.preprocess.job import SourceProgress
-from workers.preprocess.tasks import ShardProcessor, read_shards
+from workers.preprocess.tasks import ShardProcessor, read_shards, unit_batch
 
 
 def test_finished_shards_cover_the_source_whatever_their_order(tmp_path) -> None:
@@ -24,7 +24,7 @@ def test_finished_shards_cover_the_source_whatever_their_order(tmp_path) -> None
     cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"path": str(folder / "*.txt")})})
     units = read_units(cfg.source)
     processor = ShardProcessor(cfg.model_dump_json(), 0, layout)
-    batch = {"unit": [u.index for u in units], "location": [u.location for u in units]}
+    batch = unit_batch(units)
     records = [json.loads(r) for rows in read_shards(batch, cfg.model_dump_json())
                for r in processor(rows).column("result").to_pylist()]
     assert {r["shard_id"][:5] for r in records} == {"00000", "00001"} and len(records) > 6

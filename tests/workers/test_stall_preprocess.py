@@ -20,14 +20,13 @@ import json, os, sys, time
 sys.path.insert(0, {repo!r})
 from pipelines.data.config import PreprocessConfig
 from pipelines.data.sources import read_units
-from workers.preprocess.tasks import ShardProcessor, read_shards
+from workers.preprocess.tasks import ShardProcessor, read_shards, unit_batch
 from workers.run_layout import RunLayout
 
 layout = RunLayout.open({run!r})
 cfg = PreprocessConfig.model_validate(json.load(open(layout.manifest("preprocess")))["config"])
 units = read_units(cfg.source)
-rows = list(read_shards({{"unit": [u.index for u in units], "location": [u.location for u in units]}},
-                        cfg.model_dump_json()))
+rows = list(read_shards(unit_batch(units), cfg.model_dump_json()))
 processor = ShardProcessor(cfg.model_dump_json(), 0, layout, log_dir={logs!r}, stall_timeout_s=8)
 time.sleep(12)  # idle between shards: not a stall
 processor(rows[0])

@@ -11,7 +11,7 @@ import pyarrow as pa
 from pipelines.data.config import PreprocessConfig
 from pipelines.data.documents import RawDocument, ReadPosition, SkipCounter
 from pipelines.data.shard import SPLITS, process_shard
-from pipelines.data.sources import ReadUnit, iter_documents
+from pipelines.data.sources import ReadUnit, iter_items
 from pipelines.data.tokenizer import EncoderSpec
 from pipelines.atomic import file_sha256, write_json_atomic, write_parquet_atomic
 from workers.log_files import OutputRedirect, worker_log
@@ -26,41 +26,62 @@ logger = logging.getLogger("pofa.preprocess")
 _PROCESSOR_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def shard_id(unit: int, chunk: int) -> str:
-    return f"{unit:05d}-{chunk:06d}"
+def shard_id(file: int, window: int, chunk: int) -> str:
+    """Fixed by the data: the file, the window of it the documents begin in, the run of
+    `documents_per_shard` documents within that window. Sorted, the ids follow the source's order."""
+    return f"{file:05d}-{window:07d}-{chunk:05d}"
+
+
+def unit_batch(units: list[ReadUnit]) -> dict[str, list[str]]:
+    """The rows `read_shards` takes: one serialized read unit each."""
+    return {"unit": [u.to_json() for u in units]}
 
 
 def read_shards(batch: dict, cfg_json: str) -> Iterator[pa.Table]:
-    """Cut one read unit into shards of `documents_per_shard` consecutive documents, one row each.
+    """Cut each read unit's documents into shards: per window, runs of `documents_per_shard` consecutive
+    documents, one row each. The windows, not the units, decide the shards, so the rows are the same
+    however the source was cut into units.
 
     Documents the reader itself skips (redirects, other namespaces, malformed records) are attributed to
-    the shard that follows them, so the counts do not depend on scheduling.
+    the shard of their window that follows them, so the counts do not depend on scheduling.
     """
     cfg = PreprocessConfig.model_validate_json(cfg_json)
-    for unit_index, location in zip(batch["unit"], batch["location"]):
-        unit = ReadUnit(int(unit_index), str(location))
+    for text in batch["unit"]:
+        unit = ReadUnit.from_json(str(text))
         skipped = SkipCounter()
         position = ReadPosition()
         docs: list[RawDocument] = []
-        chunk, start = 0, 0.0
-        limit = cfg.source.max_documents
-        for n, doc in enumerate(iter_documents(cfg.source, unit, skipped, position)):
+        window: int | None = None
+        chunk, start, n = 0, 0.0, 0
+        limit = cfg.source.max_documents  # a capped file is one unit: the first documents of the file
+        for at, item in iter_items(cfg.source, unit, position):
+            if at != window:
+                if window is not None and (docs or skipped):
+                    yield _shard_row(unit, window, chunk, docs, skipped, (start, position.fraction))
+                    start = position.fraction
+                window, docs, chunk = at, [], 0
+                skipped.clear()
+            if isinstance(item, str):
+                skipped.skip(item)
+                continue
             if limit is not None and n >= limit:
                 break
-            docs.append(doc)
+            n += 1
+            docs.append(item)
             if len(docs) == cfg.documents_per_shard:
-                yield _shard_row(unit.index, chunk, docs, skipped, (start, position.fraction))
+                yield _shard_row(unit, window, chunk, docs, skipped, (start, position.fraction))
                 docs, chunk, start = [], chunk + 1, position.fraction
-                skipped.clear()  # in place: the reader generator holds this counter
-        if docs or skipped:
-            yield _shard_row(unit.index, chunk, docs, skipped, (start, 1.0))
+                skipped.clear()
+        if window is not None and (docs or skipped):
+            yield _shard_row(unit, window, chunk, docs, skipped, (start, 1.0))
 
 
-def _shard_row(unit: int, chunk: int, docs: list[RawDocument], skipped: SkipCounter,
+def _shard_row(unit: ReadUnit, window: int, chunk: int, docs: list[RawDocument], skipped: SkipCounter,
                read_span: tuple[float, float]) -> pa.Table:
     """`read_span`: the part of its unit (0 to 1) the shard was read from, for progress only."""
     return pa.table({
-        "shard_id": [shard_id(unit, chunk)],
+        "shard_id": [shard_id(unit.file, window, chunk)],
+        "unit": [unit.index],
         "doc_ids": [[d.doc_id for d in docs]],
         "titles": [[d.title for d in docs]],
         "texts": [[d.text for d in docs]],
@@ -139,8 +160,8 @@ class ShardProcessor:
             self.layout.pull(record_path)  # done by an earlier attempt on another node?
         if os.path.exists(record_path):
             done = self._finished(record_path)
-            if done is not None:
-                return done
+            if done is not None:  # found by its id, not by a listing; where it was read from is this run's
+                return {**done, "unit": row.get("unit"), "read_span": list(row.get("read_span") or (0.0, 0.0))}
         docs = [RawDocument(i, t, x, m) for i, t, x, m in zip(row["doc_ids"], row["titles"], row["texts"], row["markup"])]
         tables, stats = process_shard(docs, sid, self.cfg, self.seed, self.tokenizer)
         for reason, n in json.loads(row["reader_skipped"]).items():
@@ -154,7 +175,7 @@ class ShardProcessor:
                 shards[split] = {"name": name, "rows": tables[split].num_rows,
                                  "sha256": write_parquet_atomic(tables[split], path)}
                 written.append(path)
-        record = {"shard_id": sid, "stats": stats.as_dict(), "shards": shards,
+        record = {"shard_id": sid, "unit": row.get("unit"), "stats": stats.as_dict(), "shards": shards,
                   "read_span": list(row.get("read_span") or (0.0, 0.0))}
         write_json_atomic(record, record_path)
         self.layout.push_files(written)  # the shard's files first, its completion record last
