@@ -5,8 +5,9 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
+from orchestrator.console import format_duration
 from orchestrator.manifest import stage_fingerprint
 from orchestrator.recipe.load import dump_recipe
 from orchestrator.recipe.schema import Recipe
@@ -57,7 +58,10 @@ def _sparsity(models: Mapping[str, str]) -> Optional[dict[str, Any]]:
 
 
 def render_report(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, StageManifest],
-                  inference: Optional[Mapping[str, Any]] = None) -> str:
+                  inference: Optional[Mapping[str, Any]] = None,
+                  plots: Optional[Mapping[str, list[str]]] = None) -> str:
+    """The report's Markdown; `plots`: the training charts copied beside it (training_plots)."""
+    plots = plots or {}
     out = [f"# pofa run `{recipe.name}`", "", recipe.description or "", ""]
     models = _models(layout, manifests)
     sp = _sparsity(models)
@@ -69,8 +73,10 @@ def render_report(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, Sta
     if pre:
         keys = ["documents_train", "documents_validation", "sentences", "instances_train", "instances_validation",
                 "tokens", "short_seq_fraction", "nsp_random_fraction", "masked_token_fraction", "max_seq_length"]
-        out += ["## Data", "", _table(["statistic", "value"], [[k, pre.get(k)] for k in keys]), "",
-                f"Skipped documents: {json.dumps(pre.get('documents_skipped', {}))}", ""]
+        out += ["## Data", "", _table(["statistic", "value"], [[k, pre.get(k)] for k in keys]), ""]
+        skipped = pre.get("documents_skipped") or {}
+        out += (["Documents skipped, by reason:", "", _table(["reason", "documents"], sorted(map(list, skipped.items()))),
+                 ""] if skipped else ["No document was skipped.", ""])
     if models:
         cols = ["val/loss", "val/mlm_acc", "val/nsp_acc", "sparsity/global"]
         trained = {s: output_of(manifests[s], layout, TrainingOutput) for s in models}
@@ -82,14 +88,54 @@ def render_report(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, Sta
         out += ["## Sparsity per layer", "", "![sparsity per layer](sparsity.png)", "",
                 _table(["layer", "shape", "sparsity"], [[l["name"], "×".join(map(str, l["shape"])), l["sparsity"]]
                                                           for l in sp["layers"]]), ""]
+    out += _training_plots(plots)
     out += render_inference(inference)
-    out += ["## Wall time", "", _table(["stage", "seconds"], [[s, m.wall_time_s] for s, m in manifests.items()]), ""]
+    times = [[s, format_duration(m.wall_time_s)] for s, m in manifests.items()]
+    total = format_duration(sum(m.wall_time_s for m in manifests.values()))
+    out += ["## Wall time", "", _table(["stage", "time"], times + [["**total**", f"**{total}**"]]), ""]
     if models:
         out += ["## Exported models", "", _table(["stage", "Hugging Face folder"],
                                                  [[s, _link(layout, m)] for s, m in models.items()]),
-                ""]
-    out += ["## Recipe", "", "```yaml", dump_recipe(recipe).rstrip(), "```", ""]
+                "", "Each folder holds its model card (`README.md`). To load the sparse model:", "",
+                "```python", _load_snippet(layout, models), "```", ""]
+    out += ["## Recipe", "", f"The whole recipe is [{RECIPE}](../{RECIPE}) (every key, defaults included).", "",
+            "<details><summary>recipe</summary>", "", "```yaml", dump_recipe(recipe).rstrip(), "```", "",
+            "</details>", ""]
     return "\n".join(out)
+
+
+RECIPE = "recipe.yaml"  # RunLayout.recipe, relative to the run
+
+
+def _load_snippet(layout: RunLayout, models: Mapping[str, str]) -> str:
+    stage = "student" if "student" in models else next(iter(models))
+    rel = layout.rel(models[stage])
+    return "\n".join(["from transformers import AutoModelForPreTraining, AutoTokenizer",
+                      "",
+                      f'model = AutoModelForPreTraining.from_pretrained("{rel}")  # from the run folder',
+                      f'tokenizer = AutoTokenizer.from_pretrained("{rel}")'])
+
+
+def _training_plots(plots: Mapping[str, list[str]]) -> list[str]:
+    """The loss and sparsity-schedule charts the training stages drew, copied beside the README."""
+    if not plots:
+        return []
+    out = ["## Training curves", ""]
+    for stage, names in plots.items():
+        out += [f"![{stage} {name.removeprefix(stage + '-').removesuffix('.png')}]({name})" for name in names] + [""]
+    return out
+
+
+def training_plots(layout: RunLayout, stages: Iterable[str]) -> dict[str, list[str]]:
+    """stage -> the report's names (`<stage>-loss.png`, ...) of the charts its plots folder holds."""
+    found: dict[str, list[str]] = {}
+    for stage in stages:
+        folder = layout.plots(stage)
+        if os.path.isdir(folder):
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+            if names:
+                found[stage] = [f"{stage}-{n}" for n in names]
+    return found
 
 
 def _downstream(recipe: Recipe, layout: RunLayout, manifests: Mapping[str, StageManifest]) -> list[str]:
@@ -144,7 +190,14 @@ class ReportStage:
         manifests = {s: m for s in UPSTREAM if (m := load_manifest(layout, s))}
         path = layout.report
         inference = run_inference(ctx.recipe, layout, manifests, ctx.tracker)  # report/inference.json
-        write_text_atomic(render_report(ctx.recipe, layout, manifests, inference), path)
+        plots = training_plots(layout, [s for s in ("teacher", "student") if s in manifests])
+        report_dir = os.path.dirname(path)
+        os.makedirs(report_dir, exist_ok=True)
+        for stage, names in plots.items():
+            for name in names:
+                shutil.copyfile(os.path.join(layout.plots(stage), name.removeprefix(stage + "-")),
+                                os.path.join(report_dir, name))
+        write_text_atomic(render_report(ctx.recipe, layout, manifests, inference, plots), path)
         from orchestrator.model_card.records import RunRecords
         from orchestrator.model_card.write import write_run_cards
 
@@ -153,8 +206,10 @@ class ReportStage:
         student = _models(layout, manifests).get("student")
         png = report_paths(student)[1] if student else None
         if png is not None and png.exists():  # the per-layer chart the README shows
-            shutil.copyfile(png, os.path.join(os.path.dirname(path), png.name))
-        ctx.tracker.log_artifact(path, "report")
+            shutil.copyfile(png, os.path.join(report_dir, png.name))
+        for name in sorted(os.listdir(report_dir)):  # the README and every image it shows, so it renders in MLflow
+            if name == os.path.basename(path) or name.endswith(".png"):
+                ctx.tracker.log_artifact(os.path.join(report_dir, name), "report")
         outputs = layout.file_hashes(self.name, os.path.dirname(path))
         stats: dict[str, Any] = {"stages_reported": sorted(manifests), "model_cards": len(cards)}
         if inference is not None:
