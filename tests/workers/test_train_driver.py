@@ -167,42 +167,80 @@ def test_too_few_resources_fail_at_once_or_after_the_wait(run_dir, ray_local):
 
 class DyingAtLaunch:
     """A trainer whose workers die between the group's start and the train function's launch `deaths`
-    times (Ray Train raises that as a ControllerError it does not retry), then finishes."""
+    times, the way Ray Train 2.60 leaves it: a ControllerError its policy does not retry, and the group's
+    placement group still holding its CPUs. Then it finishes."""
 
     fits = 0
+    left: list = []  # the placement groups the failed starts left
 
     def __init__(self, spec, deaths: int) -> None:
         self.spec, self.deaths = spec, deaths
 
     def fit(self) -> None:
+        import ray
         from ray.exceptions import RayActorError
         from ray.train import ControllerError
+        from ray.util.placement_group import placement_group
 
         DyingAtLaunch.fits += 1
         if DyingAtLaunch.fits <= self.deaths:
+            group = placement_group([{"CPU": 1}, {"CPU": 1}])  # both CPUs of the test instance
+            ray.get(group.ready(), timeout=60)
+            DyingAtLaunch.left.append(group)
             raise ControllerError(RayActorError())
         os.makedirs(self.spec.run.root, exist_ok=True)
         with open(self.spec.run.summary, "w") as f:
             json.dump({"final_step": 2}, f)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("max_failures, deaths, fits", [(2, 2, 3), (1, 2, 2), (0, 1, 1), (-1, 3, 4)])
-def test_a_worker_that_dies_while_the_group_starts_counts_as_a_failure(run_dir, monkeypatch, max_failures,
+def test_a_worker_that_dies_while_the_group_starts_counts_as_a_failure(run_dir, ray_local, monkeypatch, max_failures,
                                                                         deaths, fits):
     from ray.train import ControllerError
 
     from workers.train import driver
 
     s = spec(run_dir, max_failures=max_failures, retry_backoff_s=0.5)
-    DyingAtLaunch.fits = 0
+    DyingAtLaunch.fits, DyingAtLaunch.left = 0, []
     monkeypatch.setattr(driver, "build_trainer", lambda sp, loop: DyingAtLaunch(sp, deaths))
     monkeypatch.setattr(driver, "prepare_resume", lambda sp: None)
+    monkeypatch.setenv(driver.PRIVATE_INSTANCE_ENV, "a-local-instance-pofa-started")
     waits: list[float] = []
-    if deaths > max_failures >= 0:
-        with pytest.raises(ControllerError):
+    try:
+        if deaths > max_failures >= 0:
+            with pytest.raises(ControllerError):
+                driver.fit_with_retries(s, loop=None, sleep=waits.append)
+        else:
             driver.fit_with_retries(s, loop=None, sleep=waits.append)
-    else:
-        driver.fit_with_retries(s, loop=None, sleep=waits.append)
-    assert DyingAtLaunch.fits == fits
-    assert waits == [0.5, 1.0, 2.0][:fits - 1]  # the stage's backoff, doubling
-    assert not driver.died_while_starting(ControllerError(ValueError("a bug in a callback")))  # not retried
+        assert DyingAtLaunch.fits == fits
+        assert waits == [0.5, 1.0, 2.0][:fits - 1]  # the stage's backoff, doubling
+        retried = DyingAtLaunch.left[:fits - 1]  # each retry first freed the CPUs the failed start held
+        assert all(ray_local.util.placement_group_table(g)["state"] == "REMOVED" for g in retried)
+        assert not driver.died_while_starting(ControllerError(ValueError("a bug in a callback")))  # not retried
+    finally:
+        for group in DyingAtLaunch.left:
+            ray_local.util.remove_placement_group(group)
+
+
+@pytest.mark.integration
+def test_a_start_death_is_not_retried_where_removing_groups_is_unsafe(run_dir, ray_local, monkeypatch):
+    """On a cluster pofa did not start (another driver may be creating groups), the attempt fails as it
+    is and the group is left alone: the rerun resumes."""
+    from ray.train import ControllerError
+
+    from workers.train import driver
+
+    s = spec(run_dir, max_failures=3, retry_backoff_s=0.5)
+    DyingAtLaunch.fits, DyingAtLaunch.left = 0, []
+    monkeypatch.setattr(driver, "build_trainer", lambda sp, loop: DyingAtLaunch(sp, 1))
+    monkeypatch.setattr(driver, "prepare_resume", lambda sp: None)
+    monkeypatch.delenv(driver.PRIVATE_INSTANCE_ENV, raising=False)
+    try:
+        with pytest.raises(ControllerError):
+            driver.fit_with_retries(s, loop=None, sleep=lambda _: None)
+        assert DyingAtLaunch.fits == 1
+        assert ray_local.util.placement_group_table(DyingAtLaunch.left[0])["state"] == "CREATED"
+    finally:
+        for group in DyingAtLaunch.left:
+            ray_local.util.remove_placement_group(group)

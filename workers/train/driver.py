@@ -1,11 +1,12 @@
 """Driver side of a training run: pre-flight checks, the Ray Train TorchTrainer, the result."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ray.exceptions import RayActorError
 from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -68,9 +69,11 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
     while True:
         newest = _newest_step(spec)
         began, stalls = time.time(), []
+        groups_before: set[str] = set()
         try:
             prepare_resume(spec)  # another worker count than the newest checkpoint's: its universal form
-            with preemption.graceful_stage(), StallReporter(spec, began) as reporter:
+            with preemption.graceful_stage(), StallReporter(spec, began) as reporter, _fit_in_flight():
+                groups_before = placement_groups()
                 try:
                     build_trainer(spec, loop).fit()
                 finally:
@@ -87,7 +90,8 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
             step = _newest_step(spec)
             if step > newest:
                 start_deaths = 0
-            elif died_while_starting(exc) and (cfg.max_failures < 0 or start_deaths < cfg.max_failures):
+            elif (died_while_starting(exc) and (cfg.max_failures < 0 or start_deaths < cfg.max_failures)
+                  and release_left_groups(groups_before, spec.run.name)):
                 start_deaths += 1
                 say(f"[{spec.run.name}] a worker died while the group was starting ({_first_line(exc)}); "
                     f"starting again in {delay:g} s (failure {start_deaths} of {_limit(cfg.max_failures)})")
@@ -114,6 +118,55 @@ def died_while_starting(exc: BaseException) -> bool:
     2.60, `WorkerGroup._start_impl`: the `run_train_fn` launch sits outside its RayActorError guard). It is
     a worker failure like any other: pofa retries it against `max_failures`."""
     return isinstance(exc, ControllerError) and isinstance(exc.controller_failure, RayActorError)
+
+
+_in_flight = 0  # fits running in this process (the fine-tuning stage runs several side by side)
+_in_flight_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _fit_in_flight() -> Iterator[None]:
+    global _in_flight
+    with _in_flight_lock:
+        _in_flight += 1
+    try:
+        yield
+    finally:
+        with _in_flight_lock:
+            _in_flight -= 1
+
+
+def placement_groups() -> set[str]:
+    """Ids of the Ray instance's placement groups that are not removed."""
+    import ray
+
+    return {pid for pid, t in ray.util.placement_group_table().items() if t["state"] != "REMOVED"}
+
+
+def release_left_groups(before: set[str], name: str) -> bool:
+    """After a worker died while its group started, Ray Train leaves that group's placement group (and
+    its surviving workers) in place: the controller never held the group, and its cleaner is stopped
+    without removing it, so the next attempt would wait for CPUs that never free. Remove the placement
+    groups created since `before` where that is safe: on the local instance pofa started (no other
+    driver creates any) with no other fit of this process running. False where it is not safe: the
+    attempt then fails as it is, and a rerun of the command resumes on a fresh instance."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray._raylet import PlacementGroupID
+
+    with _in_flight_lock:
+        alone = _in_flight == 0
+    if not (alone and os.environ.get(PRIVATE_INSTANCE_ENV)):
+        return False
+    left = placement_groups() - before
+    for pid in sorted(left):
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pid))))
+    if left:
+        say(f"[{name}] removed the placement group(s) the failed start left holding CPUs: {len(left)}")
+    return True
+
+
+# set by the orchestrator in a process whose Ray instance it started locally (orchestrator/ray_leftovers.py)
+PRIVATE_INSTANCE_ENV = "POFA_RAY_INSTANCE"
 
 
 def _limit(max_failures: int) -> str:
