@@ -244,3 +244,10 @@ def test_a_start_death_is_not_retried_where_removing_groups_is_unsafe(run_dir, r
     finally:
         for group in DyingAtLaunch.left:
             ray_local.util.remove_placement_group(group)
+
+
+def test_a_group_that_cannot_start_is_retried_as_often_as_a_failed_one_not_forever(run_dir):
+    from workers.train.driver import build_trainer
+
+    config = build_trainer(spec(run_dir, max_failures=2)).run_config.failure_config
+    assert config.max_failures == 2 and config.controller_failure_limit == 2  # Ray's default: -1, forever

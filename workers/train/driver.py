@@ -43,7 +43,11 @@ def build_trainer(spec: Any, loop: Callable[[dict], None] = train_loop) -> Torch
         run_config=RunConfig(name=spec.run.ray_run_name, storage_path=storage_path, storage_filesystem=filesystem,
                              # Ray Train restarts a failed worker group itself (at once, in the same fit); a
                              # fit that still fails is retried by run_training if it moved the run forward
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             # a group that cannot start (no room within the start timeout, a worker lost
+                             # while starting) is retried as often, not forever (Ray's default): a cluster
+                             # that never has room ends the stage with the error that says so
+                             failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                                          controller_failure_limit=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": env}),
     )
