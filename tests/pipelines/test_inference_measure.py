@@ -194,18 +194,19 @@ def test_a_ratio_whose_rounds_disagree_is_marked_unsteady() -> None:
     from pipelines.inference.bench import TimedSession, time_sessions
     from pipelines.inference.measure import round_ratios, unsteady
 
-    # min_seconds below one run: one run per turn, five turns each
-    steady_ref, steady_row = SleepySession([4.0] * 5), SleepySession([2.0] * 5)
+    # min_seconds below one run: one run per turn, five turns each; sleeps of tens of ms, so that a
+    # few ms of a busy machine's scheduling jitter cannot move a ratio across the bounds
+    steady_ref, steady_row = SleepySession([40.0] * 5), SleepySession([20.0] * 5)
     ref_t, row_t = time_sessions([TimedSession(steady_ref, ["input_ids"], 2), TimedSession(steady_row, ["input_ids"], 2)],
                                  [1], 8, min_seconds=0.001)
     assert len(ref_t[1]["round_ms"]) == 5 and ref_t[1]["ms_p25"] <= ref_t[1]["ms"] <= ref_t[1]["ms_p75"]
     lo, hi = round_ratios(ref_t[1], row_t[1])
-    assert 1.4 < lo <= hi < 2.6  # 4 ms against 2 ms in every round, give or take the sleeps' jitter
+    assert 1.4 < lo <= hi < 2.6  # 40 ms against 20 ms in every round, give or take the sleeps' jitter (ms)
     assert round_ratios({"round_ms": [2.0, 4.0, 2.0]}, {"round_ms": [1.0, 2.0, 4.0]}) == [0.5, 2.0]
     assert unsteady([[0.95, 1.1]]) is None
     message = unsteady([[0.95, 1.1], [0.47, 1.78]])
     assert message.startswith("x dense ranged 0.47-1.78 over the timing rounds")
-    busy_ref, busy_row = SleepySession([4.0] * 5), SleepySession([2.0, 2.0, 8.0, 8.0, 2.0])
+    busy_ref, busy_row = SleepySession([40.0] * 5), SleepySession([20.0, 20.0, 80.0, 80.0, 20.0])
     ref_t, row_t = time_sessions([TimedSession(busy_ref, ["input_ids"], 2), TimedSession(busy_row, ["input_ids"], 2)],
                                  [1], 8, min_seconds=0.001)
     lo, hi = round_ratios(ref_t[1], row_t[1])
