@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 logger = logging.getLogger("pofa.tracking")
 _TAKE = 2000  # records per round trip to the inbox
+FLUSH_TIMEOUT_S = 60.0
 
 
 class _Inbox:
@@ -31,6 +32,9 @@ class _Inbox:
     def take(self, n: int) -> list[tuple]:
         out, self.items = self.items[:n], self.items[n:]
         return out
+
+    def held(self) -> int:
+        return len(self.items)
 
 
 class RelayTracker:
@@ -50,8 +54,15 @@ class RelayTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.inbox.put.remote(("tags", self.key, {str(k): str(v) for k, v in tags.items()}))
 
-    def flush(self) -> None:
-        """Nothing to wait for here: the records are the driver's now."""
+    def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        """Wait until the inbox holds every record sent so far (an actor runs one caller's calls in
+        order), so none is lost when the worker process ends right after; bounded, never a hang."""
+        import ray
+
+        try:
+            ray.get(self.inbox.held.remote(), timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - tracking never fails training
+            logger.warning("pofa: tracking relay: records of %s not confirmed in %.0f s: %s", self.key, timeout_s, exc)
 
 
 class TrackingRelay:
@@ -65,6 +76,8 @@ class TrackingRelay:
         self.inbox = ray.remote(num_cpus=0, max_concurrency=1)(_Inbox).remote()
         self.waiting: dict[str, list[tuple[str, Optional[str]]]] = {}  # key -> artifacts not on this node yet
         self._stop = threading.Event()
+        # one drain at a time: a batch taken by the thread is dispatched before `settle` returns
+        self._draining = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="pofa-tracking-relay", daemon=True)
         self._thread.start()
 
@@ -80,17 +93,18 @@ class TrackingRelay:
         """Hand what the inbox holds to the session's trackers; returns how many records."""
         import ray
 
-        try:
-            items = ray.get(self.inbox.take.remote(_TAKE))
-        except Exception as exc:  # noqa: BLE001 - Ray going down at exit: nothing more to relay
-            logger.debug("pofa: tracking relay: %s", exc)
-            return 0
-        for item in items:
+        with self._draining:
             try:
-                self._dispatch(item)
-            except Exception as exc:  # noqa: BLE001 - one bad record must not stop the others
-                logger.warning("pofa: a tracking record from a worker was dropped: %s", exc)
-        return len(items)
+                items = ray.get(self.inbox.take.remote(_TAKE), timeout=FLUSH_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - Ray going down at exit: nothing more to relay
+                logger.debug("pofa: tracking relay: %s", exc)
+                return 0
+            for item in items:
+                try:
+                    self._dispatch(item)
+                except Exception as exc:  # noqa: BLE001 - one bad record must not stop the others
+                    logger.warning("pofa: a tracking record from a worker was dropped: %s", exc)
+            return len(items)
 
     def _dispatch(self, item: tuple) -> None:
         kind, key = item[0], item[1]

@@ -330,6 +330,13 @@ class TrackingSession:
         config that made it) at training step `step`; returns its model URI."""
         if not self.enabled:
             return None
+        # MLflow links the run's metrics at `step` to the model when it is logged: they must be in the
+        # store by then, not in the relay's queue or the stage tracker's buffer.
+        if self._relay is not None:
+            self._relay.settle(key)
+        tracker = self._trackers.get(key)
+        if tracker is not None:
+            tracker.flush()
         source = self.layout.rel(str(model_dir)) if self.layout.contains(str(model_dir)) else None
         flat = flatten_params(params) if params else None
         return self._boundary(lambda: log_hf_model(self.uri, self._run_id_of(key), model_dir, name=name, task=task,
