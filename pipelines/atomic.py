@@ -65,14 +65,51 @@ def write_text_atomic(text: str, path: str) -> None:
 @contextmanager
 def atomic_dir(path: str) -> Iterator[str]:
     """Build a folder under a temporary name beside `path`; it replaces `path` only when the block
-    ends without an error (a half-built folder is removed, never published)."""
-    tmp = path.rstrip("/") + ".tmp"
+    ends without an error (a half-built folder is removed, never published). A reader always finds
+    `path`, old or new: the two are swapped in one step where the kernel can, else the old one is
+    moved aside first and a crash between the two renames is undone on the next call."""
+    path = path.rstrip("/")
+    tmp, old = path + ".tmp", path + ".old"
+    if not os.path.exists(path) and os.path.isdir(old):
+        os.rename(old, path)  # a crash between the two renames below: the committed folder is `old`
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     os.makedirs(tmp)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    if not os.path.isdir(path) or os.path.islink(path):
+        if os.path.lexists(path):
+            os.unlink(path)
+        os.replace(tmp, path)
+    elif exchange_paths(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+    else:
+        os.rename(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: str, b: str) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the
+    kernel, C library or file system cannot, so the caller falls back to two renames."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), f"{a} <-> {b}")
