@@ -9,7 +9,6 @@ holds progress is refused before any cluster work unless the user names the stag
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import threading
 import time
@@ -28,6 +27,7 @@ from orchestrator.stages import ORDER, STAGES, StageContext
 from orchestrator.tracking import TrackingSession, flatten_params
 from orchestrator.tracking.datasets import pretraining_datasets
 from orchestrator.tracking.results import exports, headline_metrics, stage_metrics
+from workers.errors import first_line
 from pipelines.atomic import write_json_atomic
 from pipelines.sparsity.report_files import report_paths
 from workers import preemption
@@ -196,16 +196,6 @@ def _report_failure(console: Console, logs: RunLogs, layout: RunLayout, stage: s
     exc.pofa_reported = True  # type: ignore[attr-defined]
 
 
-def first_line(exc: BaseException) -> str:
-    """The line of an error a person reads first: Ray wraps a worker's error in a traceback, whose
-    last line is the error itself."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    for ln in reversed(lines):
-        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", ln):
-            return ln[:300]
-    return f"{type(exc).__name__}: {lines[0][:300]}"
 
 
 def open_tracking(recipe: Recipe, rd: RunDir) -> TrackingSession:

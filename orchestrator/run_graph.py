@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+from workers.errors import first_line
+
 
 @dataclass
 class Node:
@@ -42,8 +44,7 @@ class GraphFailed(RuntimeError):
         lines = []
         for node in failed:
             if node.error is not None:
-                first = (str(node.error).strip().splitlines() or [type(node.error).__name__])[0]
-                lines.append(f"  {node.name}: {first[:300]}")
+                lines.append(f"  {node.name}: {first_line(node.error)}")
             else:
                 lines.append(f"  {node.name}: not started ({node.skipped})")
         super().__init__(f"{len(failed)} run(s) did not finish:\n" + "\n".join(lines))

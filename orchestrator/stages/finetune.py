@@ -24,6 +24,7 @@ from pipelines.atomic import atomic_dir, write_json_atomic
 from pipelines.config_keys import result_defining
 from pipelines.finetune.config import FinetuneConfig, TaskConfig
 from pipelines.finetune.plan import task_train_config
+from workers.errors import first_line
 from pipelines.finetune.tasks import get_task
 from workers.console_lines import say
 from workers.jsonl import read_jsonl
@@ -251,7 +252,7 @@ def _announce(event: str, node: Node, counts: dict[str, int]) -> None:
     """One console line per run that starts or ends, with where the stage stands."""
     detail = ""
     if event == "failed":
-        detail = f": {(str(node.error).strip().splitlines() or [type(node.error).__name__])[0][:200]}"
+        detail = f": {first_line(node.error, 200)}"
     elif event == "skipped":
         detail = f": {node.skipped}"
     elif event == "finished" and node.started is not None and node.finished is not None:

@@ -37,6 +37,8 @@ from typing import Any, Callable  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from workers.errors import first_line  # noqa: E402
+
 MEASUREMENTS = ("kd_kernel", "sparse24", "teacher_step", "student_step")  # cheap and engine-free first
 MIN_SECONDS = {"kd_kernel": 10, "sparse24": 15, "teacher_step": 40, "student_step": 60}  # to start one on a GPU
 
@@ -104,11 +106,6 @@ def device_info(device: Any, peak_override: float | None) -> dict[str, Any]:
             "peak_tflops": peak, "peak_source": source, "matmul_n": n, "matmul_tflops": matmul_tflops(device, n)}
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
-
-
 def run(args: argparse.Namespace, device_type: str) -> int:
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
@@ -155,8 +152,8 @@ def run(args: argparse.Namespace, device_type: str) -> int:
             continue
         except Exception as exc:  # one broken measurement must not cost the others
             traceback.print_exc()
-            record.add("failed", name, _first_line(exc))
-            say(f"failed {name}: {_first_line(exc)}")
+            record.add("failed", name, first_line(exc))
+            say(f"failed {name}: {first_line(exc)}")
             continue
         finally:
             gc.collect()  # engines hold reference cycles: free the device memory before the next one

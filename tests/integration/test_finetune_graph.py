@@ -77,7 +77,7 @@ def _results_if_any(run_dir: str) -> dict[int, dict]:
 
 
 def test_one_failed_run_stops_nothing_else_and_is_named(graph_runs) -> None:
-    assert "polarity/seed-2: seed-2 broke on purpose" in graph_runs["failure"]
+    assert "polarity/seed-2: RuntimeError: seed-2 broke on purpose" in graph_runs["failure"]
     assert "second line" not in graph_runs["failure"]
     assert sorted(graph_runs["first"]) == [1, 3]  # the other two finished and were kept
 

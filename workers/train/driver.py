@@ -14,6 +14,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from workers import preemption
 from workers.console_lines import say
+from workers.errors import first_line
 from workers.jsonl import read_jsonl
 from workers.stall_watchdog import StallError, StallRecord, read_records, stall_folder
 from workers.train.elastic import prepare_resume
@@ -97,7 +98,7 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
             elif (died_while_starting(exc) and (cfg.max_failures < 0 or start_deaths < cfg.max_failures)
                   and release_left_groups(groups_before, spec.run.name)):
                 start_deaths += 1
-                say(f"[{spec.run.name}] a worker died while the group was starting ({_first_line(exc)}); "
+                say(f"[{spec.run.name}] a worker died while the group was starting ({first_line(exc, 200)}); "
                     f"starting again in {delay:g} s (failure {start_deaths} of {_limit(cfg.max_failures)})")
                 sleep(delay)
                 delay = min(max(delay * 2, 1.0), MAX_BACKOFF_S)
@@ -107,7 +108,7 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
                     raise StallError(f"{spec.run.name}: stopped by the stall watchdog and not moved forward by "
                                      f"its retries: " + "; ".join(r.line() for r in stalls)) from exc
                 raise
-            say(f"[{spec.run.name}] attempts failed ({_first_line(exc)}) after reaching step {step}; "
+            say(f"[{spec.run.name}] attempts failed ({first_line(exc, 200)}) after reaching step {step}; "
                 f"retrying from it in {delay:g} s")
             sleep(delay)
             delay = min(max(delay * 2, 1.0), MAX_BACKOFF_S)
@@ -225,11 +226,6 @@ def _newest_step(spec: Any) -> int:
 
     committed = committed_checkpoints(spec.layout, spec.run)
     return committed[0][0] if committed else 0
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1][:200] if text else type(exc).__name__
 
 
 def run_training(spec: Any, *, echo: bool = True, loop: Callable[[dict], None] = train_loop,
