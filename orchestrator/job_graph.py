@@ -23,10 +23,10 @@ from orchestrator.recipe.schema import Recipe
 from orchestrator.run_logs import RunLogs
 from orchestrator.run_summary import result_line
 from orchestrator.rundir import RunDir, RunDirError
-from orchestrator.stages import ORDER, STAGES, StageContext
+from orchestrator.stages import STAGES, StageContext
 from orchestrator.tracking import TrackingSession, flatten_params
 from orchestrator.tracking.datasets import pretraining_datasets
-from orchestrator.tracking.results import exports, headline_metrics, stage_metrics
+from orchestrator.tracking.results import stage_metrics
 from workers.errors import first_line
 from pipelines.atomic import write_json_atomic
 from pipelines.sparsity.report_files import report_paths
@@ -40,8 +40,8 @@ def select_stages(recipe: Recipe, requested: Optional[Iterable[str]]) -> list[st
     wanted = list(requested) if requested else list(recipe.stages)
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
-        raise ValueError(f"--stages: unknown stage(s) {', '.join(unknown)} (known: {', '.join(ORDER)})")
-    return [s for s in ORDER if s in wanted]
+        raise ValueError(f"--stages: unknown stage(s) {', '.join(unknown)} (known: {', '.join(STAGES)})")
+    return [s for s in STAGES if s in wanted]  # the registry's order: upstream first
 
 
 def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] = None, force: bool = False,
@@ -106,7 +106,7 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
                 console(f"[{name}] {'resuming' if resumed else 'running'}{why}")
             ctx.log_dir = logs.stage(name)
             ctx.console = console
-            if not connected and getattr(stage, "needs_ray", True):
+            if not connected and stage.needs_ray:
                 from orchestrator.ray_runtime import connect
 
                 address = connect(recipe.ray, log_to_driver=console.verbose, instance_record=layout.ray_instance)
@@ -120,7 +120,7 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
             ctx.tracker = tracking.tracker(name)
             ctx.tracking = tracking
             tracking.observer = console.progress
-            total = _steps(recipe, name)
+            total = stage.live_total(recipe)
             if total:
                 console.begin(name, total)
             started = time.time()
@@ -135,6 +135,9 @@ def run_pipeline(recipe: Recipe, run_dir: str, stages: Optional[Iterable[str]] =
                 raise
             console.end(name)
             rd.check_lease()  # a process that lost the run never marks a stage finished
+            if not isinstance(result.output, stage.output_model):
+                raise TypeError(f"[{name}] returned a {type(result.output).__name__} record, not its output model "
+                                f"{stage.output_model.__name__}: a bug in the stage; its outputs are kept")
             manifests[name] = write_stage_manifest(layout, name, fp, inputs, config, result.stats, result.outputs,
                                                    result.output, started)
             _write_cards(recipe, layout, name, console)  # before MLflow logs the models: it records the cards
@@ -174,12 +177,6 @@ def _write_cards(recipe: Recipe, layout: RunLayout, stage: str, console: Callabl
         console(f"[{stage}] warning: could not write the model cards: {exc}")
 
 
-def _steps(recipe: Recipe, stage: str) -> int:
-    """The steps a stage's live line counts towards (0: no live line)."""
-    section = getattr(recipe, stage, None) if stage in ("teacher", "student") else None
-    return section.max_steps if section is not None else 0
-
-
 def _report_failure(console: Console, logs: RunLogs, layout: RunLayout, stage: str, exc: BaseException) -> None:
     """The error's first line, the stage and where the traceback is; the same in `<stage>/failure.json`
     for `pofa status`."""
@@ -210,8 +207,7 @@ def open_tracking(recipe: Recipe, rd: RunDir) -> TrackingSession:
 
 def check_register(recipe: Recipe) -> None:
     """`tracking.register_models` names exports this recipe makes: a typo fails before any work, not after it."""
-    tasks = [t.name for t in recipe.finetune.tasks] if recipe.finetune is not None else []
-    known = ["teacher", "student"] + [f"finetune/{t}" for t in tasks]
+    known = [name for stage in STAGES.values() for name in stage.export_names(recipe)]
     unknown = [k for k in recipe.tracking.register_models if k not in known]
     if unknown:
         raise ValueError(f"tracking.register_models: {', '.join(map(repr, unknown))} is not an export of this recipe "
@@ -226,18 +222,18 @@ def record_stage(tracking: TrackingSession, name: str, manifest: StageManifest, 
 
     Tracking problems after a stage finished only warn: the stage's outputs are safe on disk, and a
     multi-day run must not fail over a plot."""
-    if name in ("preprocess", "finetune"):  # training stages log their metrics step by step as they run
+    if STAGES[name].logs_stats_at_end:
         tracking.log_metrics(stage_metrics(manifest.stats), step=0, key=name)
     tracking.log_artifact(layout.manifest(name), key=name)
     try:
-        tracking.log_metrics(headline_metrics(name, manifest, layout))  # the parent run: runs compare by these
-        data = load_manifest(layout, "preprocess") if name in ("preprocess", "teacher", "student") else None
+        tracking.log_metrics(STAGES[name].headline_metrics(manifest, layout))  # the parent run: runs compare by these
+        data = load_manifest(layout, "preprocess") if STAGES[name].reads_pretraining_data else None
         if data is not None:
             records = pretraining_datasets(data)
             tracking.log_datasets(records, key=name)
             if name == "preprocess":
                 tracking.log_datasets(records)
-        exported = exports(name, manifest, layout)
+        exported = STAGES[name].exports(manifest, layout)
         for export in exported:
             for report in report_paths(export.folder):
                 if report.exists():
@@ -289,5 +285,5 @@ def check_redo(redo: Iterable[str]) -> list[str]:
     names = [s for s in redo if s]
     unknown = [s for s in names if s not in STAGES]
     if unknown:
-        raise ValueError(f"--redo: unknown stage(s) {', '.join(unknown)} (known: {', '.join(ORDER)})")
+        raise ValueError(f"--redo: unknown stage(s) {', '.join(unknown)} (known: {', '.join(STAGES)})")
     return names

@@ -57,5 +57,5 @@ def write_stage_manifest(layout: RunLayout, stage: str, fp: str, inputs: dict[st
                              config=config, stats={**stats, "fingerprint": fp}, outputs=dict(sorted(outputs.items())),
                              output=output.model_dump(mode="json"), started=started, finished=finished,
                              wall_time_s=round(finished - started, 3), pofa_version=__version__)
-    write_manifest(layout, manifest)
+    write_manifest(layout, manifest, type(output))
     return manifest

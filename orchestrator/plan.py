@@ -68,7 +68,7 @@ def plan_run(recipe: Recipe, ctx: StageContext, stages: Iterable[str], force: bo
             plan.action, plan.reason = "redo", "--force" if force else "--redo"
         else:
             _decide(plan, ctx.layout, renewed)
-        if plan.action == "redo" and not (force or name in redo or getattr(stage, "rebuilt_freely", False)):
+        if plan.action == "redo" and not (force or name in redo or stage.rebuilt_freely):
             plan.progress = describe_progress(ctx.layout, name)
             plan.refused = plan.progress is not None and not _cascade(plan, plans)
         plans.append(plan)
@@ -139,52 +139,13 @@ def _attempt(layout: RunLayout, stage: str) -> Optional[dict[str, Any]]:
 
 def describe_progress(layout: RunLayout, stage: str) -> Optional[str]:
     """What of value the stage holds (None: nothing a redo would lose)."""
-    held = []
-    if os.path.exists(layout.manifest(stage)):
-        held.append("its finished outputs")
-    if stage in ("teacher", "student"):
-        steps = committed_steps(layout, layout.training(stage))
-        if steps:
-            held.append(f"{len(steps)} committed checkpoint(s) (newest at step {steps[0]})")
-    elif stage == "preprocess":
-        records = _count(layout, layout.path("preprocess", ".shards"), ".json")
-        if records:
-            held.append(f"{records} finished shard(s)")
-    elif stage == "finetune":
-        finished = _count(layout, layout.stage_dir("finetune"), "result.json", recursive=True)
-        if finished:
-            held.append(f"{finished} finished fine-tuning run(s)")
-    return ", ".join(held) or None
+    held = ["its finished outputs"] if os.path.exists(layout.manifest(stage)) else []
+    return ", ".join(held + STAGES[stage].held(layout)) or None
 
 
 def resume_point(layout: RunLayout, stage: str) -> str:
     """How the stage continues, as its console header says it: "resuming from step 50 (checkpoint ...)"."""
-    if stage in ("teacher", "student"):
-        found = committed_checkpoints(layout, layout.training(stage))
-        if found:
-            return f"resuming from step {found[0][0]} (checkpoint {found[0][1]})"
-        return "resuming its unfinished attempt (no checkpoint yet)"
-    held = describe_progress(layout, stage)
-    return f"resuming its unfinished attempt ({held})" if held else "resuming its unfinished attempt"
-
-
-def committed_checkpoints(layout: RunLayout, run: Any) -> list[tuple[int, str]]:
-    """(step, folder relative to the run directory) of the run's committed checkpoints, newest first."""
-    from workers.train.checkpointer import committed_checkpoints as committed
-
-    return committed(layout, run)
-
-
-def committed_steps(layout: RunLayout, run: Any) -> list[int]:
-    return [step for step, _ in committed_checkpoints(layout, run)]
-
-
-def _count(layout: RunLayout, folder: str, suffix: str, recursive: bool = False) -> int:
-    if not os.path.isdir(folder):
-        return 0
-    if not recursive:
-        return sum(1 for n in os.listdir(folder) if n.endswith(suffix))
-    return sum(1 for _, _, names in os.walk(folder) for n in names if n == suffix)
+    return STAGES[stage].resume_point(layout)
 
 
 def refusal(plans: list[StagePlan]) -> Optional[str]:

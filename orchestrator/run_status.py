@@ -18,10 +18,10 @@ import yaml
 from pydantic import ValidationError
 
 from orchestrator.console import format_duration
-from orchestrator.plan import committed_checkpoints, describe_progress
 from orchestrator.recipe.schema import Recipe
 from orchestrator.run_summary import key_result
 from orchestrator.rundir import lock_holder
+from orchestrator.stages import STAGES
 from orchestrator.tracking.relocate import relocate_if_free
 from workers.run_layout import RunLayout
 from workers.stage_outputs import ManifestError, load_manifest
@@ -64,13 +64,9 @@ class RunState:
         finished = [s.finished for s in self.stages if s.finished]
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(finished))) if finished else "-" * 16
         headline = next((f"  {s.stage}: {s.result}" for s in reversed(self.stages)
-                         if s.state == "done" and s.stage in HEADLINE_STAGES and s.result), "")
+                         if s.state == "done" and STAGES[s.stage].headline and s.result), "")
         return (f"{os.path.basename(self.path):<36s} {when}  {done}/{len(self.stages)} stages  {where}"
                 + ("  [running]" if self.running else "") + headline)
-
-
-# the stages whose result says what a run produced (the latest done one is shown by `pofa runs`)
-HEADLINE_STAGES = ("teacher", "student", "finetune")
 
 
 def run_state(path: str) -> RunState:
@@ -114,7 +110,7 @@ def stage_state(layout: RunLayout, recipe: Recipe, stage: str) -> StageState:
         return StageState(stage, "done", f"in {format_duration(manifest.wall_time_s)} (finished {when}); {result}",
                           finished=manifest.finished, result=result)
     failure = _read_json(layout.failure(stage))
-    progress = _progress(layout, recipe, stage)
+    progress = STAGES[stage].progress(layout, recipe)
     if failure is not None:
         text = f"{failure.get('error', '?')}"
         if failure.get("log"):
@@ -127,19 +123,6 @@ def stage_state(layout: RunLayout, recipe: Recipe, stage: str) -> StageState:
     if os.path.exists(layout.attempt(stage)):
         return StageState(stage, "started", progress or "no progress kept yet")
     return StageState(stage, "not started", "")
-
-
-def _progress(layout: RunLayout, recipe: Recipe, stage: str) -> Optional[str]:
-    """What a rerun continues from."""
-    if stage in ("teacher", "student"):
-        found = committed_checkpoints(layout, layout.training(stage))
-        if found:
-            total = getattr(recipe, stage).max_steps
-            return f"at step {found[0][0]} of {total} (checkpoint {found[0][1]})"
-        return None
-    if stage == "report":
-        return None
-    return describe_progress(layout, stage)
 
 
 def _read_json(path: str) -> Optional[dict[str, Any]]:

@@ -2,57 +2,21 @@
 where the outputs are. Read from the stages' manifests alone, so `pofa status` says the same."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 from orchestrator.console import format_duration
 from workers.run_layout import RunLayout
-from workers.stage_outputs import FinetuneOutput, StageManifest, TrainingOutput, output_of
-
-
-def _f(v: Any, digits: int = 4) -> str:
-    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+from orchestrator.stages import STAGES
+from workers.stage_outputs import StageManifest
 
 
 def key_result(stage: str, manifest: StageManifest, layout: RunLayout) -> str:
-    """The one result a person looks for first in a stage."""
-    st = manifest.stats
-    if stage == "preprocess":
-        masked = st.get("masked_token_fraction")
-        masking = f"{_f(masked, 3)} masked" if masked is not None else f"{st.get('masking', 'dynamic')} masking"
-        return (f"{st.get('instances_train', '-')} train / {st.get('instances_validation', '-')} validation "
-                f"instances, {st.get('tokens', '-')} tokens, {masking}")
-    if stage in ("teacher", "student"):
-        out = output_of(manifest, layout, TrainingOutput)
-        m = out.metrics
-        text = f"step {out.final_step}: val/mlm_acc {_f(m.get('val/mlm_acc'))}, val/nsp_acc {_f(m.get('val/nsp_acc'))}"
-        if stage == "student":
-            text += f", sparsity {_f(out.sparsity if out.sparsity is not None else m.get('sparsity/global'), 3)}"
-        return text
-    if stage == "finetune":
-        from orchestrator.stages.finetune import HEADLINE_METRICS, task_results
-
-        out = output_of(manifest, layout, FinetuneOutput)
-        parts = []
-        for name, task in out.tasks.items():
-            res = task_results(task)
-            metric = next((k for k in HEADLINE_METRICS if k in res), None)
-            if metric is not None:
-                parts.append(f"{name} {metric} {_f(res[metric], 2)} ({len(task.seeds)} seed(s))")
-        return "; ".join(parts) or f"{len(out.tasks)} task(s)"
-    if stage == "report":
-        return "report written"
-    return "done"
+    """The one result a person looks for first in a stage (the stage says it)."""
+    return STAGES[stage].result(manifest, layout)
 
 
 def outputs_of(stage: str, manifest: StageManifest, layout: RunLayout) -> Optional[str]:
-    try:
-        if stage in ("teacher", "student"):
-            return layout.path(output_of(manifest, layout, TrainingOutput).model)
-        if stage == "report":
-            return layout.report
-    except (ValueError, KeyError):
-        return None
-    return layout.stage_dir(stage)
+    return STAGES[stage].outputs_path(manifest, layout)
 
 
 def result_line(stage: str, manifest: StageManifest, layout: RunLayout) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional
 
+from orchestrator.stages import STAGES
 from workers.jsonl import read_jsonl
 from workers.run_layout import RunLayout
 
@@ -40,11 +41,5 @@ def check_stall_budget(stall_timeout_s: float, layout: RunLayout, stages: Iterab
 
 
 def _attempt_files(layout: RunLayout, stages: Iterable[str]) -> list[str]:
-    files = []
-    for stage in stages:
-        if stage in ("teacher", "student"):
-            files.append(layout.training(stage).attempts)
-        elif stage == "finetune":  # every task's runs: finetune/<task>/<run>/attempts.jsonl
-            for root, _, names in os.walk(layout.stage_dir("finetune")):
-                files.extend(os.path.join(root, n) for n in names if n == "attempts.jsonl")
+    files = [f for stage in stages for f in STAGES[stage].attempt_files(layout)]
     return [f for f in files if os.path.exists(f)]

@@ -95,9 +95,6 @@ class ReportOutput(_Record):
     stages_reported: list[str]
 
 
-OUTPUT_MODELS: dict[str, type[_Record]] = {"preprocess": PreprocessOutput, "teacher": TrainingOutput,
-                                           "student": TrainingOutput, "finetune": FinetuneOutput,
-                                           "report": ReportOutput}
 R = TypeVar("R", bound=_Record)
 
 
@@ -168,7 +165,8 @@ def _fields(exc: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-def write_manifest(layout: RunLayout, manifest: StageManifest) -> None:
-    """Atomic: a stage is complete exactly when this file exists."""
-    OUTPUT_MODELS[manifest.stage].model_validate(manifest.output)  # a producer bug fails here, not downstream
+def write_manifest(layout: RunLayout, manifest: StageManifest, model: type[BaseModel]) -> None:
+    """Atomic: a stage is complete exactly when this file exists. `model`: the stage's output model, which
+    its record must validate against (a producer bug fails here, not downstream)."""
+    model.model_validate(manifest.output)
     write_json_atomic(manifest.model_dump(mode="json"), layout.manifest(manifest.stage))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,7 +17,6 @@ from pipelines.sparsity.config import PruningConfig
 from pipelines.sparsity.schedules import first_final_update
 from pipelines.training.config import TrainConfig
 
-StageName = Literal["preprocess", "teacher", "student", "finetune", "report"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -76,7 +75,7 @@ class Recipe(BaseModel):
     description: str = operational("")
     seed: int = Field(default=42, ge=0, lt=2**31)
     run_dir: Optional[str] = operational(None)
-    stages: list[StageName] = operational(["preprocess", "teacher", "student", "report"])
+    stages: list[str] = operational(["preprocess", "teacher", "student", "report"])
     ray: RayConfig = operational(RayConfig())
     preprocess: Optional[PreprocessConfig] = None
     model: Optional[ModelConfig] = None
@@ -87,11 +86,22 @@ class Recipe(BaseModel):
     report: ReportConfig = ReportConfig()
     tracking: TrackingConfig = operational(TrackingConfig())
 
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: list[str]) -> list[str]:
+        from orchestrator.stages import STAGES  # the registry imports this module: asked at validation time
+
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(map(repr, unknown))} (known: {', '.join(STAGES)})")
+        return stages
+
     @model_validator(mode="after")
     def _sections_for_stages(self) -> "Recipe":
-        needs = {"preprocess": ("preprocess",), "teacher": ("model", "teacher"), "student": ("student",), "finetune": ("finetune",)}
+        from orchestrator.stages import STAGES
+
         for stage in self.stages:
-            for section in needs.get(stage, ()):
+            for section in STAGES[stage].sections:
                 if getattr(self, section) is None:
                     raise ValueError(f"{section}: required when stages include {stage!r}")
         return self

@@ -5,7 +5,7 @@ from orchestrator.stages.preprocess import PreprocessStage
 from orchestrator.stages.report import ReportStage
 from orchestrator.stages.training import StudentStage, TeacherStage
 
+# in the order they run (upstream first); every reader of a run loops over this registry
 STAGES: dict[str, Stage] = {s.name: s for s in (PreprocessStage(), TeacherStage(), StudentStage(), FinetuneStage(), ReportStage())}
-ORDER = list(STAGES)
 
-__all__ = ["STAGES", "ORDER", "Stage", "StageContext"]
+__all__ = ["STAGES", "Stage", "StageContext"]

@@ -19,7 +19,8 @@ from typing import Any, Optional
 from orchestrator.manifest import stage_fingerprint
 from orchestrator.run_graph import GraphFailed, Node, RunGraph
 from orchestrator.recipe.schema import Recipe
-from orchestrator.stages.base import StageContext, StageResult
+from orchestrator.stages.base import Stage, StageContext, StageResult, fmt
+from orchestrator.tracking.results import is_number, run_export
 from pipelines.atomic import atomic_dir, write_json_atomic
 from pipelines.config_keys import result_defining
 from pipelines.finetune.config import FinetuneConfig, TaskConfig
@@ -29,8 +30,9 @@ from pipelines.finetune.tasks import get_task
 from workers.console_lines import say
 from workers.jsonl import read_jsonl
 from workers.preemption import Preempted
-from workers.run_layout import TrainRunLayout
-from workers.stage_outputs import FinetuneOutput, FinetuneRunOutput, FinetuneTaskOutput, TrainingOutput, read_output
+from workers.run_layout import RunLayout, TrainRunLayout
+from workers.stage_outputs import (FinetuneOutput, FinetuneRunOutput, FinetuneTaskOutput, StageManifest, TrainingOutput,
+                                   output_of, read_output)
 from workers.tracking import NullTracker
 
 
@@ -76,9 +78,43 @@ def _finished(run: TrainRunLayout) -> Optional[FinetuneRunOutput]:
         return FinetuneRunOutput.model_validate_json(f.read())
 
 
-class FinetuneStage:
+class FinetuneStage(Stage):
     name = "finetune"
+    output_model = FinetuneOutput
+    sections = ("finetune",)
+    headline = True
     _tracking_lock = threading.Lock()
+
+    def result(self, manifest: StageManifest, layout: RunLayout) -> str:
+        out = output_of(manifest, layout, FinetuneOutput)
+        parts = []
+        for name, task in out.tasks.items():
+            res = task_results(task)
+            metric = next((k for k in HEADLINE_METRICS if k in res), None)
+            if metric is not None:
+                parts.append(f"{name} {metric} {fmt(res[metric], 2)} ({len(task.seeds)} seed(s))")
+        return "; ".join(parts) or f"{len(out.tasks)} task(s)"
+
+    def held(self, layout: RunLayout) -> list[str]:
+        finished = sum(1 for _, _, names in os.walk(layout.stage_dir(self.name)) for n in names if n == "result.json")
+        return [f"{finished} finished fine-tuning run(s)"] if finished else []
+
+    def headline_metrics(self, manifest: StageManifest, layout: RunLayout) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for task, finetuned in output_of(manifest, layout, FinetuneOutput).tasks.items():
+            result = task_results(finetuned)
+            out.update({f"finetune/{task}/{k}": float(v) for k, v in result.items() if is_number(v)})
+            teacher = result.get("teacher") or {}
+            out.update({f"finetune/{task}/teacher/{k}": float(v) for k, v in teacher.items() if is_number(v)})
+        return out
+
+    def export_names(self, recipe: Recipe) -> list[str]:
+        return [f"finetune/{t.name}" for t in recipe.finetune.tasks] if recipe.finetune is not None else []
+
+    def attempt_files(self, layout: RunLayout) -> list[str]:
+        # every task's runs: finetune/<task>/<run>/attempts.jsonl
+        return [os.path.join(root, n) for root, _, names in os.walk(layout.stage_dir(self.name))
+                for n in names if n == "attempts.jsonl"]
 
     def config(self, recipe: Recipe) -> dict[str, Any]:
         return {"seed": recipe.seed, "finetune": result_defining(_section(recipe))}
@@ -235,8 +271,6 @@ def _log_run_model(tracking: Any, key: str, task: str, record: FinetuneRunOutput
     """The run's export as an MLflow model in its own run, with its results; the first seed's is the task's
     export (`finetune/<task>/model`), registered where `tracking.register_models` names it. A tracking
     problem only warns (the model is safe on disk)."""
-    from orchestrator.tracking.results import run_export
-
     export = run_export(task, record, ctx.layout)
     first_seed = record.name == f"seed-{_section(ctx.recipe).seeds[0]}"
     registered = tracking.config.register_models.get(f"finetune/{task}") if first_seed else None

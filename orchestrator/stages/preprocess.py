@@ -6,10 +6,12 @@ import os
 from typing import Any
 
 from orchestrator.recipe.schema import Recipe
-from orchestrator.stages.base import StageContext, StageResult
+from orchestrator.stages.base import Stage, StageContext, StageResult, fmt
 from pipelines.config_keys import result_defining
 from pipelines.data.config import SourceConfig
 from pipelines.data.multistream import index_path
+from workers.run_layout import RunLayout
+from workers.stage_outputs import PreprocessOutput, StageManifest
 
 
 def source_identity(src: SourceConfig) -> dict[str, Any]:
@@ -26,8 +28,23 @@ def source_identity(src: SourceConfig) -> dict[str, Any]:
     return {"files": out}
 
 
-class PreprocessStage:
+class PreprocessStage(Stage):
     name = "preprocess"
+    output_model = PreprocessOutput
+    sections = ("preprocess",)
+    reads_pretraining_data = True  # its own splits: the datasets it wrote
+
+    def result(self, manifest: StageManifest, layout: RunLayout) -> str:
+        st = manifest.stats
+        masked = st.get("masked_token_fraction")
+        masking = f"{fmt(masked, 3)} masked" if masked is not None else f"{st.get('masking', 'dynamic')} masking"
+        return (f"{st.get('instances_train', '-')} train / {st.get('instances_validation', '-')} validation "
+                f"instances, {st.get('tokens', '-')} tokens, {masking}")
+
+    def held(self, layout: RunLayout) -> list[str]:
+        folder = layout.path("preprocess", ".shards")  # one completion record per finished shard
+        records = sum(1 for n in os.listdir(folder) if n.endswith(".json")) if os.path.isdir(folder) else 0
+        return [f"{records} finished shard(s)"] if records else []
 
     def config(self, recipe: Recipe) -> dict[str, Any]:
         # result-defining keys only (num_workers and cpus_per_worker do not change a byte of the output);

@@ -11,7 +11,7 @@ from orchestrator.console import format_duration
 from orchestrator.manifest import stage_fingerprint
 from orchestrator.recipe.load import dump_recipe
 from orchestrator.recipe.schema import Recipe
-from orchestrator.stages.base import StageContext, StageResult
+from orchestrator.stages.base import Stage, StageContext, StageResult
 from orchestrator.stages.inference_section import render_inference, run_inference
 from orchestrator.stages.results_table import results_table, seed_table
 from pipelines.atomic import write_text_atomic
@@ -174,10 +174,20 @@ def _runs_table(finetuned: FinetuneOutput) -> str:
     return _table(["run", "nodes", "started", "finished", "seconds", "result"], rows)
 
 
-class ReportStage:
+class ReportStage(Stage):
     name = "report"
+    output_model = ReportOutput
     needs_ray = False
     rebuilt_freely = True  # holds no training progress: redone whenever its inputs change, never refused
+
+    def result(self, manifest: StageManifest, layout: RunLayout) -> str:
+        return "report written"
+
+    def outputs_path(self, manifest: StageManifest, layout: RunLayout) -> Optional[str]:
+        return layout.report
+
+    def progress(self, layout: RunLayout, recipe: Recipe) -> Optional[str]:
+        return None  # rebuilt whole from the other stages' outputs
 
     def config(self, recipe: Recipe) -> dict[str, Any]:
         return {"recipe": result_defining(recipe)}

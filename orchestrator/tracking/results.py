@@ -1,10 +1,9 @@
 """What a finished stage adds to MLflow for people who compare runs, read from its manifest alone.
 
 - `stage_metrics`: the manifest's numeric statistics, less ids and timestamps (those are tags or params);
-- `headline_metrics`: the few results a run is compared by, for the parent run (`teacher/val/mlm_acc`,
-  `student/sparsity`, `finetune/<task>/<metric>`...);
-- `exports` / `run_export`: the models a stage (or a fine-tuning run) exported, with the metrics, params
-  and step they are logged with.
+- `Export` / `run_export`: a model a stage (or a fine-tuning run) exported, with the metrics, params
+  and step it is logged with.
+A stage's own headline results and exports are the stage's to say (`Stage.headline_metrics`, `.exports`).
 """
 from __future__ import annotations
 
@@ -13,13 +12,13 @@ from typing import Any, Mapping
 
 from orchestrator.tracking.params import clean_key
 from workers.run_layout import RunLayout
-from workers.stage_outputs import FinetuneOutput, FinetuneRunOutput, StageManifest, TrainingOutput, output_of
+from workers.stage_outputs import FinetuneRunOutput
 
 # Statistics that identify rather than measure: never metrics (plotted, they would be noise).
 _NOT_MEASURED = ("fingerprint",)
 _NOT_MEASURED_PREFIXES = ("runs.",)  # fine-tuning runs' timeline: start and end times, nodes
 # A pretraining stage's validation results, the ones a run is compared by.
-_VALIDATION = ("val/loss", "val/mlm_acc", "val/nsp_acc")
+VALIDATION = ("val/loss", "val/mlm_acc", "val/nsp_acc")
 # transformers pipeline task of each downstream task kind (pipelines.finetune.tasks.TaskSpec.kind)
 _PIPELINE_TASK = {"classification": "text-classification", "qa": "question-answering"}
 
@@ -61,37 +60,6 @@ def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def headline_metrics(stage: str, manifest: StageManifest, layout: RunLayout) -> dict[str, float]:
-    """The parent run's comparable results from one finished stage."""
-    out: dict[str, float] = {}
-    if stage in ("teacher", "student"):
-        trained = output_of(manifest, layout, TrainingOutput)
-        out.update({f"{stage}/{k}": v for k, v in trained.metrics.items() if k in _VALIDATION})
-        if stage == "student":
-            sparsity = trained.sparsity if trained.sparsity is not None else trained.metrics.get("sparsity/global")
-            if sparsity is not None:
-                out["student/sparsity"] = float(sparsity)
-    elif stage == "finetune":
-        for task, result in _task_results(manifest, layout).items():
-            out.update({f"finetune/{task}/{k}": float(v) for k, v in result.items() if is_number(v)})
-            teacher = result.get("teacher") or {}
-            out.update({f"finetune/{task}/teacher/{k}": float(v) for k, v in teacher.items() if is_number(v)})
-    return out
-
-
-def exports(stage: str, manifest: StageManifest, layout: RunLayout) -> list[Export]:
-    """The models a pretraining stage exported (fill-mask). Fine-tuning runs log theirs as each finishes
-    (`run_export`); a task's `model/` is its first seed's export, logged (and registered) as that run's."""
-    if stage not in ("teacher", "student"):
-        return []
-    trained = output_of(manifest, layout, TrainingOutput)
-    metrics = {k: float(v) for k, v in trained.metrics.items() if k.startswith(("val/", "sparsity/global"))}
-    if trained.sparsity is not None:
-        metrics["sparsity"] = float(trained.sparsity)
-    return [Export(stage, layout.path(trained.model), "fill-mask", metrics, dict(manifest.config),
-                   trained.final_step)]
-
-
 def run_export(task: str, run: FinetuneRunOutput, layout: RunLayout) -> Export:
     """One fine-tuning run's own export (the task teacher, a seed), with its evaluation results."""
     from pipelines.finetune.tasks import get_task
@@ -101,10 +69,3 @@ def run_export(task: str, run: FinetuneRunOutput, layout: RunLayout) -> Export:
         metrics["sparsity"] = float(run.sparsity)
     return Export(f"finetune/{task}/{run.name}", layout.path(run.model), _PIPELINE_TASK[get_task(task).kind],
                   metrics, {"task": task, "run": run.name, "seed": run.seed}, run.final_step)
-
-
-def _task_results(manifest: StageManifest, layout: RunLayout) -> dict[str, dict[str, Any]]:
-    from orchestrator.stages.finetune import task_results
-
-    finetuned = output_of(manifest, layout, FinetuneOutput)
-    return {name: task_results(task) for name, task in finetuned.tasks.items()}

@@ -43,7 +43,7 @@ def _corpus(root: str) -> str:
 def _repeat(source: str, target: str, times: int) -> None:
     """The same shards `times` times over, with a record that lists them all (as a bigger corpus)."""
     from workers.run_layout import RunLayout
-    from workers.stage_outputs import load_manifest, write_manifest
+    from workers.stage_outputs import PreprocessOutput, load_manifest, write_manifest
 
     shutil.copytree(source, target)
     layout = RunLayout.open(target)
@@ -56,7 +56,7 @@ def _repeat(source: str, target: str, times: int) -> None:
             os.link(layout.shard("train", shard["name"]), layout.shard("train", name))
             shards.append({**shard, "name": name})
     manifest.output["splits"]["train"] = {"shards": shards, "rows": train["rows"] * times}
-    write_manifest(layout, manifest)
+    write_manifest(layout, manifest, PreprocessOutput)
 
 
 def measure(run_dir: str, steps: int, world: int) -> dict:
