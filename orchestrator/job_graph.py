@@ -15,7 +15,7 @@ import time
 from typing import Callable, Iterable, Optional
 
 from orchestrator.console import Console, as_console
-from orchestrator.manifest import fingerprint, write_stage_manifest
+from orchestrator.fingerprints import fingerprint, write_stage_manifest
 from orchestrator.plan import PlanRefused, plan_run, refusal
 from orchestrator.ray_leftovers import stop_leftovers
 from orchestrator.stall_budget import check_stall_budget

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Optional
 
-from orchestrator.manifest import fingerprint, outputs_problem
+from orchestrator.fingerprints import fingerprint, outputs_problem
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages import STAGES, StageContext
 from pipelines.config_keys import changed_keys, operational_paths

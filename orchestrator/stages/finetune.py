@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from orchestrator.manifest import stage_fingerprint
+from orchestrator.fingerprints import stage_fingerprint
 from orchestrator.run_graph import GraphFailed, Node, RunGraph
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import Stage, StageContext, StageResult, fmt

@@ -8,7 +8,7 @@ import time
 from typing import Any, Iterable, Mapping, Optional
 
 from orchestrator.console import format_duration
-from orchestrator.manifest import stage_fingerprint
+from orchestrator.fingerprints import stage_fingerprint
 from orchestrator.recipe.load import dump_recipe
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import Stage, StageContext, StageResult

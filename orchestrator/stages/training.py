@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from orchestrator.manifest import stage_fingerprint
+from orchestrator.fingerprints import stage_fingerprint
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import Stage, StageContext, StageResult, fmt
 from orchestrator.tracking.results import VALIDATION, Export

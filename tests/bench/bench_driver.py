@@ -69,7 +69,7 @@ def _cfg(path: str, **source) -> PreprocessConfig:
 
 
 def bookkeeping(root: str, n_units: int, n_shards: int) -> list[tuple[str, str]]:
-    from orchestrator.manifest import fingerprint, write_stage_manifest
+    from orchestrator.fingerprints import fingerprint, write_stage_manifest
     from workers.preprocess.job import SourceProgress, finish_preprocess
     from workers.run_layout import RunLayout
 

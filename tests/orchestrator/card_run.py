@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from orchestrator.manifest import write_stage_manifest
+from orchestrator.fingerprints import write_stage_manifest
 from orchestrator.recipe.load import load_recipe
 from orchestrator.rundir import RunDir
 from orchestrator.stages.finetune import _copy_model

@@ -15,7 +15,7 @@ import pytest
 from huggingface_hub import ModelCard, metadata_load
 
 from orchestrator.cli import main
-from orchestrator.manifest import outputs_problem
+from orchestrator.fingerprints import outputs_problem
 from orchestrator.model_card.records import RunRecords
 from orchestrator.model_card.write import write_run_cards, write_stage_cards
 from tests.orchestrator.card_run import SEED, make_card_run

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from orchestrator.job_graph import _prepare_attempt, check_redo
-from orchestrator.manifest import fingerprint, write_stage_manifest
+from orchestrator.fingerprints import fingerprint, write_stage_manifest
 from orchestrator.plan import plan_run, refusal
 from orchestrator.recipe.load import load_recipe
 from orchestrator.rundir import RunDir, choose_run_dir

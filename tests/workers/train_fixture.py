@@ -40,7 +40,7 @@ def make_preprocess(run_dir: str, documents: int = 120, max_len: int = 32, seed:
     """The preprocess stage's real output for a toy corpus, made by its real producers without Ray:
     `prepare_tokenizer`, `read_shards` and `ShardProcessor` (the Ray Data stage's two halves), then
     `finish_preprocess` and the manifest writer the orchestrator uses. Returns the run's layout."""
-    from orchestrator.manifest import fingerprint, write_stage_manifest
+    from orchestrator.fingerprints import fingerprint, write_stage_manifest
     from pipelines.data.config import PreprocessConfig
     from pipelines.data.sources import read_units
     from workers.preprocess.job import finish_preprocess, prepare_tokenizer

@@ -18,11 +18,11 @@ from pipelines.atomic import file_sha256
 from workers.run_layout import RunLayout
 from workers.stage_outputs import MANIFEST_FORMAT, ManifestError, StageManifest, load_manifest, write_manifest
 
-FORMAT_VERSION = 1  # bump when a stage's outputs change meaning: old outputs are then redone
+FINGERPRINT_FORMAT = 1  # bump when a stage's outputs change meaning: old outputs are then redone
 
 
 def fingerprint(obj: Any) -> str:
-    blob = json.dumps({"format": FORMAT_VERSION, "what": obj}, sort_keys=True, default=str)
+    blob = json.dumps({"format": FINGERPRINT_FORMAT, "what": obj}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
