@@ -11,6 +11,7 @@ from pipelines.models.config import ModelConfig
 from pipelines.training.config import TrainConfig
 from tests.workers.train_fixture import make_preprocess, make_teacher_export, tiny_train
 from workers.run_layout import RunLayout
+from workers.run_records import CheckpointManifest, dump_record
 from workers.train.checkpointer import FORMAT, MANIFEST
 from workers.train.context import SafeTracker
 from workers.train.preflight import preflight
@@ -70,14 +71,16 @@ def test_student_needs_the_teacher_and_its_tokenizer(run_dir, tmp_path):
 def test_what_cannot_resume_on_another_worker_count_is_refused(run_dir, tmp_path):
     s = spec(run_dir, num_workers=2)
     step = s.run.checkpoint_step(2)
-    manifest = {"format": FORMAT, "step": 2, "world_size": 4, "zero_stage": 2, "files": {}}
-    s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)), manifest)
+    manifest = CheckpointManifest(format=FORMAT, step=2, world_size=4, created=0.0, parts=[], rank_parts=[], zero_stage=2,
+                                  files={})
+    s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)), dump_record(manifest))
     try:
         s.elastic = False  # a data cursor per worker, as fine-tuning keeps
         with pytest.raises(ValueError, match="written by 4 workers at ZeRO-2.*resumes only with num_workers=4"):
             preflight(s)
         s.elastic = True
-        s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)), {**manifest, "zero_stage": 0})
+        s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)),
+                                  dump_record(manifest.model_copy(update={"zero_stage": 0})))
         with pytest.raises(ValueError, match="written at ZeRO-0; resuming it at ZeRO-2 is not supported"):
             preflight(s)
     finally:
