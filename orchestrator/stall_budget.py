@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional
 
-from workers.jsonl import read_jsonl
 from workers.run_layout import RunLayout
+from workers.run_records import AttemptRecord, read_record_lines
 
 
 class StallBudgetError(ValueError):
@@ -21,10 +21,10 @@ class StallBudgetError(ValueError):
 def longest_startup(layout: RunLayout, stages: Iterable[str]) -> Optional[tuple[float, str]]:
     """(seconds, attempts file) of the longest start-up recorded by the given stages' training runs."""
     found: list[tuple[float, str]] = []
-    for path in _attempt_files(layout, stages):
-        for record in read_jsonl(path, repair=False):
-            if isinstance(record.get("startup_s"), (int, float)):
-                found.append((float(record["startup_s"]), path))
+    for path, stage in _attempt_files(layout, stages):
+        for record in read_record_lines(AttemptRecord, path, stage, repair=False):
+            if record.startup_s is not None:  # absent from attempts made before start-ups were measured
+                found.append((record.startup_s, path))
     return max(found) if found else None
 
 
@@ -39,12 +39,13 @@ def check_stall_budget(stall_timeout_s: float, layout: RunLayout, stages: Iterab
             "nothing was started")
 
 
-def _attempt_files(layout: RunLayout, stages: Iterable[str]) -> list[str]:
+def _attempt_files(layout: RunLayout, stages: Iterable[str]) -> list[tuple[str, str]]:
+    """(attempts file, its stage) of every training run of `stages` that has one."""
     files = []
     for stage in stages:
         if stage in ("teacher", "student"):
-            files.append(layout.training(stage).attempts)
+            files.append((layout.training(stage).attempts, stage))
         elif stage == "finetune":  # every task's runs: finetune/<task>/<run>/attempts.jsonl
             for root, _, names in os.walk(layout.stage_dir("finetune")):
-                files.extend(os.path.join(root, n) for n in names if n == "attempts.jsonl")
-    return [f for f in files if os.path.exists(f)]
+                files.extend((os.path.join(root, n), stage) for n in names if n == "attempts.jsonl")
+    return [(f, stage) for f, stage in files if os.path.exists(f)]

@@ -1,17 +1,27 @@
 """Run files through their declared models (workers/run_records.py): each model reads back what the
-real producer writes, byte for byte; a missing or invalid field is one error naming the file, the
-field and the stage to redo."""
+real producer writes, byte for byte where the producer writes through it; a missing or invalid field
+is one error naming the file, the field and the stage to redo; older files (fields added since) load;
+a torn last JSON Lines line is dropped, not an error."""
 from __future__ import annotations
 
 import json
 import os
+import time
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from orchestrator.stall_budget import longest_startup
 from tests.workers.test_train_checkpoint import Trainer, _saved
 from workers.run_layout import RunLayout
-from workers.run_records import CheckpointManifest, write_record
+from workers.run_records import (AttemptRecord, CheckpointManifest, RecordError, TrainSummary, read_record,
+                                 read_record_lines, write_record)
+from workers.train import base_worker
+from workers.train.base_worker import BaseWorker
 from workers.train.checkpointer import MANIFEST, CheckpointError, read_manifest
+from workers.train.driver import _read_summary
+from workers.train.progress import format_summary
 
 
 def _bytes(path: str) -> bytes:
@@ -52,3 +62,142 @@ def test_a_manifest_missing_a_field_names_file_field_and_stage_and_is_not_set_as
     text = str(err.value)
     assert path in text and "field world_size is missing" in text and "redo the student stage" in text
     assert len(text.splitlines()) == 1 and os.path.exists(path)  # one line; the checkpoint stays where it is
+
+
+# -- attempts.jsonl ----------------------------------------------------------------------------------------
+def _resume(layout: RunLayout, step: int) -> dict[str, str]:
+    """BaseWorker.resume, the attempts file's producer, on a worker without an engine (rank 0, no Ray)."""
+    os.makedirs(layout.training("student").checkpoints, exist_ok=True)  # as the worker's __init__ does
+    tracker = SimpleNamespace(seen={})
+    tracker.tags = tracker.seen.update
+    worker = SimpleNamespace(checkpointer=SimpleNamespace(restore=lambda: (step, f"ckpt-{step}") if step else None),
+                             timings={}, in_ray=False, is_rank0=True, layout=layout,
+                             run=layout.training("student"), step=step, last_checkpoint=None,
+                             _started=time.perf_counter(), tracker=tracker)
+    assert BaseWorker.resume(worker) == step  # type: ignore[arg-type]
+    return tracker.seen
+
+
+def test_attempts_read_back_as_written_and_a_torn_last_line_is_dropped(tmp_path) -> None:
+    layout = RunLayout.open(str(tmp_path))
+    run = layout.training("student")
+    _resume(layout, 0)
+    with open(run.attempts, "a") as f:
+        f.write('{"start_step": 3, "checkp')  # a kill mid-write
+    tags = _resume(layout, 4)
+    assert tags["student.attempts"] == "2"  # the torn line was cut before appending
+    attempts = read_record_lines(AttemptRecord, run.attempts, run.stage)
+    assert [(a.start_step, a.checkpoint, a.nodes) for a in attempts] == [(0, None, ["local"]), (4, "ckpt-4", ["local"])]
+    assert all(a.startup_s is not None and a.startup_s >= 0 for a in attempts)
+    assert longest_startup(layout, ["student"]) == (max(a.startup_s for a in attempts), run.attempts)  # stall budget
+    lines = _bytes(run.attempts).decode().splitlines()
+    assert json.loads(lines[1]) == {"start_step": 4, "checkpoint": "ckpt-4", "time": attempts[1].time,
+                                    "nodes": ["local"], "startup_s": attempts[1].startup_s}  # today's keys
+    with open(run.attempts, "a") as f:
+        f.write('{"start_step": 9')
+    assert len(read_record_lines(AttemptRecord, run.attempts, run.stage, repair=False)) == 2
+    assert _bytes(run.attempts).endswith(b'{"start_step": 9')  # a reader that must not repair leaves it
+
+
+def test_an_attempt_from_before_nodes_and_startups_were_recorded_loads(tmp_path) -> None:
+    path = str(tmp_path / "attempts.jsonl")
+    with open(path, "w") as f:
+        f.write(json.dumps({"start_step": 0, "checkpoint": None, "time": 1.0}) + "\n")
+    [old] = read_record_lines(AttemptRecord, path, "teacher")
+    assert old.nodes == [] and old.startup_s is None
+
+
+def test_an_attempt_line_missing_a_field_names_file_line_field_and_stage(tmp_path) -> None:
+    path = str(tmp_path / "attempts.jsonl")
+    with open(path, "w") as f:
+        f.write(json.dumps({"start_step": 0, "checkpoint": None, "time": 1.0}) + "\n")
+        f.write(json.dumps({"checkpoint": None, "time": 2.0}) + "\n")
+    with pytest.raises(RecordError, match=rf"{path} line 2: field start_step is missing; redo the finetune stage"):
+        read_record_lines(AttemptRecord, path, "finetune")
+
+
+# -- train_summary.json ------------------------------------------------------------------------------------
+class _Worker:
+    """Stands in for a training worker in the real worker loop (`_run_worker`): two steps, no engine."""
+
+    def __init__(self, layout: RunLayout) -> None:
+        self.layout, self.run = layout, layout.training("student")
+        self.rank, self.world, self.is_rank0, self.step = 0, 1, True, 0
+        self.timings: dict[str, Any] = {"checkpoint_save_s": []}
+        self._started = time.perf_counter()
+        self.last_checkpoint, self.last_metrics, self.preempt_requested = None, {}, False
+        self.tracker = SimpleNamespace(log=lambda m, s: None, artifact=lambda *a: None, flush=lambda: None)
+        os.makedirs(self.run.root, exist_ok=True)
+
+    def resume(self) -> int:
+        return self.step
+
+    def train_step(self) -> dict[str, float]:
+        self.step += 1
+        return {"loss": 2.0 / self.step, "lr": 1e-3}
+
+    def evaluate(self) -> dict[str, float]:
+        return {"val/loss": float("nan")}  # a diverged run's value must survive the round trip
+
+    def save_checkpoint(self, metrics: dict[str, float]) -> None:
+        self.last_checkpoint = f"ckpt-{self.step}"
+
+    def export(self) -> dict[str, Any]:
+        return {"global_sparsity": 0.9}
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {"teacher_frozen": True}
+
+    def push_run_files(self) -> None:
+        pass
+
+
+def test_the_worker_loops_summary_reads_back_through_the_driver(tmp_path, monkeypatch, capsys) -> None:
+    layout = RunLayout.open(str(tmp_path))
+    monkeypatch.setattr(base_worker.ray.train.torch, "get_device", lambda: "cpu")
+    train = SimpleNamespace(max_steps=2, eval_every=2, checkpoint_every=2, global_batch_size=8, zero_stage=2,
+                            precision="fp32")
+    spec = SimpleNamespace(train=train, progress=False, fault=None, layout=layout, run=layout.training("student"))
+    ctx = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1)
+    base_worker._run_worker(lambda rank, world, device: _Worker(layout), spec, ctx,
+                            SimpleNamespace(beat=lambda what: None))
+    summary = _read_summary(spec)
+    assert isinstance(summary, TrainSummary)
+    assert (summary.final_step, summary.checkpoint, summary.export_sparsity) == (2, "ckpt-2", 0.9)
+    assert summary.teacher_frozen is True
+    assert summary.quantization is None and not summary.preempted and summary.metrics["val/loss"] != 0
+    assert set(json.loads(_bytes(spec.run.summary))) == {  # the keys the dict-built summary had
+        "stage", "final_step", "max_steps", "preempted", "start_step", "world_size", "global_batch_size", "zero_stage",
+        "precision", "model_dir", "checkpoint", "metrics", "export_sparsity", "quantization", "attempt_elapsed_s",
+        "timings", "teacher_frozen"}
+    again = str(tmp_path / "again.json")
+    write_record(summary, again)
+    assert _bytes(again) == _bytes(spec.run.summary)
+    text = format_summary(summary, [0], 1.25)
+    assert text.splitlines()[:2] == ["== student finished: step 2 of 2 (attempts started at steps [0]) in 1.2s",
+                                     "   workers 1  global batch 8  ZeRO 2  fp32"]
+    assert "   last checkpoint: ckpt-2" in text
+
+
+def test_a_summary_from_before_preemption_and_the_frozen_teacher_check_loads(tmp_path) -> None:
+    path = str(tmp_path / "train_summary.json")
+    with open(path, "w") as f:
+        json.dump({"stage": "teacher", "final_step": 4, "max_steps": 4, "start_step": 0, "world_size": 2,
+                   "global_batch_size": 8, "zero_stage": 2, "precision": "fp32", "model_dir": "m",
+                   "checkpoint": "c", "metrics": {"loss": 1.0}}, f)
+    summary = read_record(TrainSummary, path, "teacher")
+    assert not summary.preempted and summary.teacher_frozen is None and summary.timings == {}
+
+
+def test_a_summary_missing_a_field_names_file_field_and_stage(tmp_path) -> None:
+    path = str(tmp_path / "train_summary.json")
+    with open(path, "w") as f:
+        json.dump({"stage": "student", "final_step": 4}, f)
+    with pytest.raises(RecordError) as err:
+        read_record(TrainSummary, path, "student")
+    assert str(err.value).startswith(f"{path}: field max_steps is missing; ")
+    assert str(err.value).endswith("redo the student stage: pofa run RECIPE --stages student --force")
+    with open(path, "w") as f:
+        f.write('{"stage": "stud')
+    with pytest.raises(RecordError, match="not readable JSON.*redo the student stage"):
+        read_record(TrainSummary, path, "student")
