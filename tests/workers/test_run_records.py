@@ -4,6 +4,7 @@ is one error naming the file, the field and the stage to redo; older files (fiel
 a torn last JSON Lines line is dropped, not an error."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -12,11 +13,13 @@ from typing import Any
 
 import pytest
 
+from orchestrator.console import Console
+from orchestrator.job_graph import _report_failure
 from orchestrator.stall_budget import longest_startup
 from tests.workers.test_train_checkpoint import Trainer, _saved
 from workers.run_layout import RunLayout
-from workers.run_records import (AttemptRecord, CheckpointManifest, RecordError, TrainSummary, read_record,
-                                 read_record_lines, write_record)
+from workers.run_records import (AttemptRecord, CheckpointManifest, FailureRecord, RecordError, TrainSummary,
+                                 read_record, read_record_lines, write_record)
 from workers.train import base_worker
 from workers.train.base_worker import BaseWorker
 from workers.train.checkpointer import MANIFEST, CheckpointError, read_manifest
@@ -201,3 +204,16 @@ def test_a_summary_missing_a_field_names_file_field_and_stage(tmp_path) -> None:
         f.write('{"stage": "stud')
     with pytest.raises(RecordError, match="not readable JSON.*redo the student stage"):
         read_record(TrainSummary, path, "student")
+
+
+# -- <stage>/failure.json ----------------------------------------------------------------------------------
+def test_a_reported_failure_reads_back_as_its_model(tmp_path) -> None:
+    layout = RunLayout.open(str(tmp_path))
+    logs = SimpleNamespace(record_failure=lambda exc: "logs/teacher/attempt-1/driver.log")
+    _report_failure(Console(io.StringIO(), tty=False), logs, layout, "teacher", RuntimeError("out of memory"))
+    failure = read_record(FailureRecord, layout.failure("teacher"), "teacher")
+    assert (failure.error, failure.type, failure.log) == ("RuntimeError: out of memory", "RuntimeError",
+                                                           "logs/teacher/attempt-1/driver.log")
+    _drop(layout.failure("teacher"), "error")
+    with pytest.raises(RecordError, match="field error is missing; redo the teacher stage"):
+        read_record(FailureRecord, layout.failure("teacher"), "teacher")
