@@ -207,7 +207,7 @@ class RunLayout:
         return os.path.join(self.split_dir(split), _plain(name, "shard"))
 
     def shard_record(self, shard_id: str) -> str:
-        """A processed shard's completion record: its presence means the shard is done."""
+        """A processed shard's completion record: its presence means the shard is done. model: ShardRecord"""
         return self.path("preprocess", ".shards", f"{_plain(shard_id, 'shard id')}.json")
 
     # -- training stages ------------------------------------------------------------------------

@@ -7,6 +7,7 @@
     <train run>/train_summary.json                         TrainSummary
     finetune/<task>/<run>/result.json                      stage_outputs.FinetuneRunOutput
     <stage>/failure.json                                   FailureRecord
+    preprocess/.shards/<shard id>.json                     ShardRecord (a processed shard's completion record)
     <stage>/manifest.json                                  stage_outputs.StageManifest
 
 Producers build the model and write it with `write_record` / `append_record`; readers get the model
@@ -18,7 +19,7 @@ the stage to redo. Fields added after a file's first version carry a default, so
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, TypeVar
+from typing import Any, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -161,6 +162,41 @@ class TrainSummary(Record):
     teacher_frozen: Optional[bool] = None  # pretraining with a teacher: it received no updates
 
 
+# -- preprocess/.shards/<shard id>.json --------------------------------------------------------------------
+class ShardInfo(Record):
+    """One Parquet file of a split (also listed in the preprocess stage's output record)."""
+
+    name: str  # file name inside the split's folder
+    rows: int = Field(ge=0)
+    sha256: str
+
+
+class ShardStatsRecord(Record):
+    """pipelines.data.shard.ShardStats.as_dict(): what one shard made, summed by the driver."""
+
+    documents: dict[str, int]  # split -> documents that made instances
+    instances: dict[str, int]  # split -> instances
+    skipped: dict[str, int]  # reason -> documents skipped
+    sentences: int
+    tokens: int
+    short_instances: int
+    random_next: int
+    masked_tokens: int
+    maskable_tokens: int
+    length_histogram: dict[str, int]  # instance length bucket -> count
+
+
+class ShardRecord(Record):
+    """A processed shard: its presence (with its files' hashes matching) means the shard is done. The
+    processor also hands it to the driver, which sums the stage's statistics and output from them."""
+
+    shard_id: str
+    unit: Optional[int] = None  # the read unit it came from; None in older records (the id's first part)
+    stats: ShardStatsRecord
+    shards: dict[Literal["train", "validation"], ShardInfo]  # a split with no instances is absent
+    read_span: tuple[float, float] = (0.0, 0.0)  # the part of its unit it was read from (progress only)
+
+
 # -- <stage>/failure.json ----------------------------------------------------------------------------
 class FailureRecord(Record):
     """The last attempt's error, for `pofa status` (removed when the stage starts again)."""
@@ -172,5 +208,5 @@ class FailureRecord(Record):
 
 
 __all__ = ["RecordError", "Record", "CheckpointFile", "CheckpointManifest", "CorruptRecord", "AttemptRecord",
-           "TrainSummary", "FailureRecord", "parse_record", "dump_record", "read_record", "write_record",
+           "TrainSummary", "FailureRecord", "ShardInfo", "ShardStatsRecord", "ShardRecord", "parse_record", "dump_record", "read_record", "write_record",
            "read_record_lines", "append_record", "redo_hint", "field_errors"]

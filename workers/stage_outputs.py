@@ -18,6 +18,7 @@ from pipelines.atomic import write_json_atomic
 from pipelines.data.masking import MaskingContract
 from workers.run_layout import RunLayout
 from workers.run_records import Record as _Record
+from workers.run_records import ShardInfo  # the shard completion record's file entry, listed here too
 from workers.run_records import field_errors as _fields
 from workers.run_records import redo_hint as _redo
 
@@ -29,12 +30,6 @@ class ManifestError(ValueError):
 
 
 # -- preprocess ------------------------------------------------------------------------------------
-class ShardInfo(_Record):
-    name: str  # file name inside the split's folder
-    rows: int = Field(ge=0)
-    sha256: str
-
-
 class SplitOutput(_Record):
     shards: list[ShardInfo]
     rows: int = Field(ge=0)

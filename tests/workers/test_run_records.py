@@ -16,10 +16,15 @@ import pytest
 from orchestrator.console import Console
 from orchestrator.job_graph import _report_failure
 from orchestrator.stall_budget import longest_startup
-from tests.workers.test_train_checkpoint import Trainer, _saved
 from workers.run_layout import RunLayout
-from workers.run_records import (AttemptRecord, CheckpointManifest, FailureRecord, RecordError, TrainSummary,
-                                 read_record, read_record_lines, write_record)
+from pipelines.data.config import PreprocessConfig
+from pipelines.data.sources import read_units
+from tests.workers.test_train_checkpoint import Trainer, _saved
+from tests.workers.train_fixture import make_preprocess
+from workers.preprocess.tasks import ShardProcessor, read_shards, shard_results, unit_batch
+from workers.run_records import (AttemptRecord, CheckpointManifest, FailureRecord, RecordError, ShardRecord,
+                                 TrainSummary, read_record, read_record_lines, write_record)
+from workers.stage_outputs import load_manifest
 from workers.train import base_worker
 from workers.train.base_worker import BaseWorker
 from workers.train.checkpointer import MANIFEST, CheckpointError, read_manifest
@@ -217,3 +222,33 @@ def test_a_reported_failure_reads_back_as_its_model(tmp_path) -> None:
     _drop(layout.failure("teacher"), "error")
     with pytest.raises(RecordError, match="field error is missing; redo the teacher stage"):
         read_record(FailureRecord, layout.failure("teacher"), "teacher")
+
+
+# -- preprocess/.shards/<id>.json ---------------------------------------------------------------------------
+def test_shard_records_read_back_and_a_bad_one_is_named_and_made_again(tmp_path, caplog) -> None:
+    layout = make_preprocess(str(tmp_path / "run"), documents=40, shards=2)  # the real ShardProcessor wrote them
+    folder = layout.path("preprocess", ".shards")
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+    records = [read_record(ShardRecord, path, "preprocess") for path in paths]
+    assert len(records) == 2 and all(r.shards["train"].rows > 0 and r.stats.tokens > 0 for r in records)
+    again = str(tmp_path / "again.json")
+    write_record(records[0], again)
+    assert _bytes(again) == _bytes(paths[0])
+    _drop(paths[0], "stats")
+    with pytest.raises(RecordError, match=f"{paths[0]}: field stats is missing; redo the preprocess stage"):
+        read_record(ShardRecord, paths[0], "preprocess")
+    cfg = PreprocessConfig.model_validate(load_manifest(layout, "preprocess").config)  # type: ignore[union-attr]
+    processor = ShardProcessor(cfg.model_dump_json(), 0, layout)
+    rows = read_shards(unit_batch(read_units(cfg.source)), cfg.model_dump_json())
+    redone = [r for table in rows for r in shard_results(processor(table))]
+    assert redone == records and "field stats is missing" in caplog.text  # the damaged shard was made again
+
+
+def test_a_shard_record_from_before_units_and_read_spans_loads(tmp_path) -> None:
+    layout = make_preprocess(str(tmp_path / "run"), documents=20, shards=1)
+    folder = layout.path("preprocess", ".shards")
+    [path] = [os.path.join(folder, name) for name in os.listdir(folder)]
+    _drop(path, "unit")
+    _drop(path, "read_span")
+    old = read_record(ShardRecord, path, "preprocess")
+    assert old.unit is None and old.read_span == (0.0, 0.0)
