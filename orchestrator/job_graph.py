@@ -32,6 +32,7 @@ from pipelines.atomic import write_json_atomic
 from pipelines.sparsity.report_files import report_paths
 from workers import preemption
 from workers.run_layout import RunLayout
+from workers.run_records import FailureRecord, write_record
 from workers.stage_outputs import StageManifest, load_manifest
 
 
@@ -186,8 +187,8 @@ def _report_failure(console: Console, logs: RunLogs, layout: RunLayout, stage: s
     if log:
         console(f"[{stage}] traceback and the workers' logs: {os.path.dirname(log)}")
     try:
-        write_json_atomic({"error": first, "type": type(exc).__name__, "log": log, "time": time.time()},
-                          layout.failure(stage))
+        write_record(FailureRecord(error=first, type=type(exc).__name__, log=log, time=time.time()),
+                     layout.failure(stage))
     except OSError:
         pass  # the failure itself matters more
     exc.pofa_reported = True  # type: ignore[attr-defined]

@@ -8,11 +8,10 @@ A run folder that was copied or moved has its MLflow store pointed at its new pl
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 from pydantic import ValidationError
@@ -24,6 +23,7 @@ from orchestrator.rundir import lock_holder
 from orchestrator.stages import STAGES
 from orchestrator.tracking.relocate import relocate_if_free
 from workers.run_layout import RunLayout
+from workers.run_records import FailureRecord, RecordError, read_record
 from workers.stage_outputs import ManifestError, load_manifest
 from workers.storage import is_uri
 
@@ -109,12 +109,12 @@ def stage_state(layout: RunLayout, recipe: Recipe, stage: str) -> StageState:
         result = key_result(stage, manifest, layout)
         return StageState(stage, "done", f"in {format_duration(manifest.wall_time_s)} (finished {when}); {result}",
                           finished=manifest.finished, result=result)
-    failure = _read_json(layout.failure(stage))
+    failure = _failure(layout, stage)
     progress = STAGES[stage].progress(layout, recipe)
     if failure is not None:
-        text = f"{failure.get('error', '?')}"
-        if failure.get("log"):
-            text += f"; log {failure['log']}"
+        text = failure.error
+        if failure.log:
+            text += f"; log {failure.log}"
         if progress:
             text += f"; {progress}"
         return StageState(stage, "failed", text)
@@ -125,13 +125,14 @@ def stage_state(layout: RunLayout, recipe: Recipe, stage: str) -> StageState:
     return StageState(stage, "not started", "")
 
 
-def _read_json(path: str) -> Optional[dict[str, Any]]:
+def _failure(layout: RunLayout, stage: str) -> Optional[FailureRecord]:
+    """The stage's last failure; None when there is none. A bad record is a StatusError naming it."""
     try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError):
+        return read_record(FailureRecord, layout.failure(stage), stage)
+    except FileNotFoundError:
         return None
-    return value if isinstance(value, dict) else None
+    except RecordError as exc:
+        raise StatusError(str(exc)) from None
 
 
 def _holder(layout: RunLayout) -> Optional[str]:

@@ -11,8 +11,8 @@ import os
 from typing import Iterable, Optional
 
 from orchestrator.stages import STAGES
-from workers.jsonl import read_jsonl
 from workers.run_layout import RunLayout
+from workers.run_records import AttemptRecord, read_record_lines
 
 
 class StallBudgetError(ValueError):
@@ -22,10 +22,10 @@ class StallBudgetError(ValueError):
 def longest_startup(layout: RunLayout, stages: Iterable[str]) -> Optional[tuple[float, str]]:
     """(seconds, attempts file) of the longest start-up recorded by the given stages' training runs."""
     found: list[tuple[float, str]] = []
-    for path in _attempt_files(layout, stages):
-        for record in read_jsonl(path, repair=False):
-            if isinstance(record.get("startup_s"), (int, float)):
-                found.append((float(record["startup_s"]), path))
+    for path, stage in _attempt_files(layout, stages):
+        for record in read_record_lines(AttemptRecord, path, stage, repair=False):
+            if record.startup_s is not None:  # absent from attempts made before start-ups were measured
+                found.append((record.startup_s, path))
     return max(found) if found else None
 
 
@@ -40,6 +40,6 @@ def check_stall_budget(stall_timeout_s: float, layout: RunLayout, stages: Iterab
             "nothing was started")
 
 
-def _attempt_files(layout: RunLayout, stages: Iterable[str]) -> list[str]:
-    files = [f for stage in stages for f in STAGES[stage].attempt_files(layout)]
-    return [f for f in files if os.path.exists(f)]
+def _attempt_files(layout: RunLayout, stages: Iterable[str]) -> list[tuple[str, str]]:
+    """(attempts file, its stage) of every training run of `stages` that has one (the stage says which)."""
+    return [(f, stage) for stage in stages for f in STAGES[stage].attempt_files(layout) if os.path.exists(f)]

@@ -13,6 +13,8 @@
 No other code joins run-directory paths: the orchestrator and the workers receive a `RunLayout`
 (picklable) and ask it. Every path it hands out is checked to lie inside the run directory, with
 symlinks resolved; the same check serves the store, which is addressed by paths relative to the root.
+Each JSON file's model sits beside its path (`# model: ...`, in workers/run_records.py unless named
+otherwise): it is read and written only through that model.
 """
 from __future__ import annotations
 
@@ -58,9 +60,9 @@ class TrainRunLayout:
     checkpoints = _At("checkpoints")
     model = _At("model")
     metrics = _At("metrics.jsonl")
-    summary = _At("train_summary.json")
-    attempts = _At("attempts.jsonl")
-    result = _At("result.json")  # a finished fine-tuning run's record (skipped on resume)
+    summary = _At("train_summary.json")  # model: TrainSummary
+    attempts = _At("attempts.jsonl")  # model: AttemptRecord, one per line
+    result = _At("result.json")  # model: stage_outputs.FinetuneRunOutput; a finished fine-tuning run (skipped on resume)
     ray_storage = _At("ray")
 
     def path(self, *parts: str) -> str:
@@ -70,7 +72,13 @@ class TrainRunLayout:
     def ray_run_name(self) -> str:
         return "pofa-" + self.name.replace("/", "-")
 
+    @property
+    def stage(self) -> str:
+        """The stage this run belongs to (what a user redoes when one of its files is bad)."""
+        return self.name.split("/", 1)[0]
+
     def checkpoint_step(self, step: int) -> str:
+        """A checkpoint's folder; its commit is MANIFEST.json inside (model: CheckpointManifest)."""
         return self.path("checkpoints", f"step-{step:08d}")
 
 
@@ -175,6 +183,7 @@ class RunLayout:
                 for name in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, name))}
 
     def manifest(self, stage: str) -> str:
+        """model: stage_outputs.StageManifest"""
         return os.path.join(self.stage_dir(stage), "manifest.json")
 
     def plots(self, stage: str) -> str:
@@ -185,7 +194,7 @@ class RunLayout:
         return os.path.join(self.stage_dir(stage), "attempt.json")
 
     def failure(self, stage: str) -> str:
-        """The last attempt's error, for `pofa status` (gone when the stage starts again)."""
+        """The last attempt's error, for `pofa status` (gone when the stage starts again). model: FailureRecord"""
         return os.path.join(self.stage_dir(stage), "failure.json")
 
     # -- preprocess -----------------------------------------------------------------------------
@@ -198,7 +207,7 @@ class RunLayout:
         return os.path.join(self.split_dir(split), _plain(name, "shard"))
 
     def shard_record(self, shard_id: str) -> str:
-        """A processed shard's completion record: its presence means the shard is done."""
+        """A processed shard's completion record: its presence means the shard is done. model: ShardRecord"""
         return self.path("preprocess", ".shards", f"{_plain(shard_id, 'shard id')}.json")
 
     # -- training stages ------------------------------------------------------------------------

@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipelines.atomic import write_json_atomic
 from pipelines.data.masking import MaskingContract
 from workers.run_layout import RunLayout
+from workers.run_records import Record as _Record
+from workers.run_records import ShardInfo  # the shard completion record's file entry, listed here too
+from workers.run_records import field_errors as _fields
+from workers.run_records import redo_hint as _redo
 
 MANIFEST_FORMAT = 2  # 2: typed output records; bump when a record changes incompatibly
 
@@ -25,17 +29,7 @@ class ManifestError(ValueError):
     """A stage manifest that cannot be trusted: names the file, the field and what to redo."""
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 # -- preprocess ------------------------------------------------------------------------------------
-class ShardInfo(_Record):
-    name: str  # file name inside the split's folder
-    rows: int = Field(ge=0)
-    sha256: str
-
-
 class SplitOutput(_Record):
     shards: list[ShardInfo]
     rows: int = Field(ge=0)
@@ -116,10 +110,6 @@ class StageManifest(BaseModel):
     pofa_version: str
 
 
-def _redo(stage: str) -> str:
-    return f"redo the {stage} stage: pofa run RECIPE --stages {stage} --force"
-
-
 def load_manifest(layout: RunLayout, stage: str) -> Optional[StageManifest]:
     """The stage's manifest, None when there is none; ManifestError when it cannot be trusted."""
     path = layout.manifest(stage)
@@ -155,14 +145,6 @@ def output_of(manifest: StageManifest, layout: RunLayout, model: type[R]) -> R:
     except ValidationError as exc:
         raise ManifestError(f"{layout.manifest(manifest.stage)}: {_fields(exc, 'output')}; "
                             f"{_redo(manifest.stage)}") from None
-
-
-def _fields(exc: ValidationError, prefix: str = "") -> str:
-    parts = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"]))
-        parts.append(f"field {key} is missing" if err["type"] == "missing" else f"field {key}: {err['msg']}")
-    return "; ".join(parts)
 
 
 def write_manifest(layout: RunLayout, manifest: StageManifest, model: type[BaseModel]) -> None:

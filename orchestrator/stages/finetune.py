@@ -21,16 +21,16 @@ from orchestrator.run_graph import GraphFailed, Node, RunGraph
 from orchestrator.recipe.schema import Recipe
 from orchestrator.stages.base import Stage, StageContext, StageResult, fmt
 from orchestrator.tracking.results import is_number, run_export
-from pipelines.atomic import atomic_dir, write_json_atomic
+from pipelines.atomic import atomic_dir
 from pipelines.config_keys import result_defining
 from pipelines.finetune.config import FinetuneConfig, TaskConfig
 from pipelines.finetune.plan import task_train_config
 from workers.errors import first_line
 from pipelines.finetune.tasks import get_task
 from workers.console_lines import say
-from workers.jsonl import read_jsonl
 from workers.preemption import Preempted
 from workers.run_layout import RunLayout, TrainRunLayout
+from workers.run_records import AttemptRecord, read_record, read_record_lines, write_record
 from workers.stage_outputs import (FinetuneOutput, FinetuneRunOutput, FinetuneTaskOutput, StageManifest, TrainingOutput,
                                    output_of, read_output)
 from workers.tracking import NullTracker
@@ -74,8 +74,7 @@ def _copy_model(src: str, dst: str) -> None:
 def _finished(run: TrainRunLayout) -> Optional[FinetuneRunOutput]:
     if not os.path.exists(run.result):
         return None
-    with open(run.result) as f:
-        return FinetuneRunOutput.model_validate_json(f.read())
+    return read_record(FinetuneRunOutput, run.result, run.stage)
 
 
 class FinetuneStage(Stage):
@@ -173,14 +172,14 @@ class FinetuneStage(Stage):
                 with self._tracking_lock:
                     tracking.end_stage(key, "KILLED" if isinstance(exc, (KeyboardInterrupt, Preempted)) else "FAILED")
             raise
-        attempts = read_jsonl(run.attempts)
+        attempts = read_record_lines(AttemptRecord, run.attempts, run.stage)
         record = FinetuneRunOutput(name=name, seed=seed, model=ctx.layout.rel(run.model), final_step=result.final_step,
                                    metrics=_eval_metrics(result.metrics),
-                                   sparsity=result.summary.get("export_sparsity"),
-                                   quantization=result.summary.get("quantization"),
+                                   sparsity=result.summary.export_sparsity,
+                                   quantization=result.summary.quantization,
                                    train_time_s=round(result.elapsed_s, 3), started=started, finished=time.time(),
-                                   nodes=attempts[-1]["nodes"] if attempts else [])
-        write_json_atomic(record.model_dump(mode="json"), run.result)
+                                   nodes=attempts[-1].nodes if attempts else [])
+        write_record(record, run.result)
         ctx.run_dir.sync_up(run.root)  # a finished run is skipped on any later rerun, on any node
         if tracking is not None:
             _log_run_model(tracking, key, task.name, record, ctx)

@@ -30,7 +30,7 @@ def _result(ctx: StageContext, stage: str, spec: Any) -> StageResult:
     stats = {"final_step": result.final_step, "start_steps": result.start_steps,
              "train_time_s": round(result.elapsed_s, 3), **result.metrics}
     output = TrainingOutput(model=ctx.layout.rel(run.model), final_step=result.final_step,
-                            sparsity=result.summary.get("export_sparsity"),
+                            sparsity=result.summary.export_sparsity,
                             metrics={k: float(v) for k, v in result.metrics.items()})
     return StageResult(stats, ctx.layout.file_hashes(stage, run.model), output, model_dir=run.model)
 

@@ -37,6 +37,7 @@ sys.path.insert(0, REPO)
 
 from pipelines.data.config import PreprocessConfig  # noqa: E402
 from pipelines.data.units import read_units  # noqa: E402
+from workers.run_records import ShardInfo, ShardRecord, dump_record, write_record  # noqa: E402
 
 MB = 1 << 20
 
@@ -57,10 +58,11 @@ def _stats(rng: random.Random) -> dict:
             "length_histogram": {str(b): rng.randint(0, 99) for b in range(0, 128, 16)}}
 
 
-def _record(sid: str, unit: int, span: tuple[float, float], rng: random.Random) -> dict:
-    return {"shard_id": sid, "unit": unit, "stats": _stats(rng), "read_span": list(span),
-            "shards": {split: {"name": f"shard-{sid}.parquet", "rows": rng.randint(100, 4000),
-                               "sha256": "%064x" % rng.getrandbits(256)} for split in ("train", "validation")}}
+def _record(sid: str, unit: int, span: tuple[float, float], rng: random.Random) -> ShardRecord:
+    return ShardRecord.model_validate({
+        "shard_id": sid, "unit": unit, "stats": _stats(rng), "read_span": list(span),
+        "shards": {split: {"name": f"shard-{sid}.parquet", "rows": rng.randint(100, 4000),
+                           "sha256": "%064x" % rng.getrandbits(256)} for split in ("train", "validation")}})
 
 
 def _cfg(path: str, **source) -> PreprocessConfig:
@@ -110,7 +112,7 @@ def bookkeeping(root: str, n_units: int, n_shards: int) -> list[tuple[str, str]]
     with open(os.path.join(layout.tokenizer, "tokenizer.json"), "w") as f:
         f.write("{}")
     t = time.perf_counter()
-    records.sort(key=lambda r: r["shard_id"])
+    records.sort(key=lambda r: r.shard_id)
     stats, outputs, record = finish_preprocess(cfg, layout, records, vocab_size=30522)
     t_finish = time.perf_counter() - t
     t = time.perf_counter()
@@ -187,8 +189,8 @@ def ray_pipeline(root: str, n_units: int, per_unit: int) -> list[tuple[str, str]
         def __call__(self, batch: pa.Table) -> pa.Table:
             rows = batch.to_pylist()
             return pa.table({"shard_id": [r["shard_id"] for r in rows],
-                             "result": [json.dumps(_record(r["shard_id"], r["unit"], tuple(r["read_span"]), self.rng))
-                                        for r in rows]})
+                             "result": [json.dumps(dump_record(_record(r["shard_id"], r["unit"], tuple(r["read_span"]),
+                                                                               self.rng))) for r in rows]})
 
     job.read_shards, job.ShardProcessor = fake_reader, FakeProcessor
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -216,7 +218,7 @@ def resume(root: str, n: int) -> list[tuple[str, str]]:
     """Time per already finished shard for a processor, with n and 10 n finished records in the folder."""
     import pyarrow as pa
 
-    from pipelines.atomic import write_json_atomic, write_parquet_atomic
+    from pipelines.atomic import write_parquet_atomic
     from workers.preprocess.tasks import ShardProcessor
     from workers.run_layout import RunLayout
 
@@ -228,9 +230,9 @@ def resume(root: str, n: int) -> list[tuple[str, str]]:
             sid = f"00000-{i:07d}-00000"
             path = layout.shard("train", f"shard-{sid}.parquet")
             digest = write_parquet_atomic(table, path)
-            write_json_atomic({"shard_id": sid, "stats": {}, "read_span": [0, 1],
-                               "shards": {"train": {"name": f"shard-{sid}.parquet", "rows": 50, "sha256": digest}}},
-                              layout.shard_record(sid))
+            record = _record(sid, i, (0.0, 1.0), random.Random(i)).model_copy(
+                update={"shards": {"train": ShardInfo(name=f"shard-{sid}.parquet", rows=50, sha256=digest)}})
+            write_record(record, layout.shard_record(sid))
         processor = ShardProcessor.__new__(ShardProcessor)  # the lookup path only: no tokenizer needed
         processor.layout, processor.watchdog = layout, None
         rows = [{"shard_id": f"00000-{i:07d}-00000", "unit": i, "read_span": [0.0, 1.0]} for i in range(n)]
@@ -243,7 +245,7 @@ def resume(root: str, n: int) -> list[tuple[str, str]]:
             elapsed = time.perf_counter() - t
         finally:
             os.listdir = real_listdir
-        assert len(done) == n and not listed and all(d["shards"]["train"]["rows"] == 50 for d in done)
+        assert len(done) == n and not listed and all(d.shards["train"].rows == 50 for d in done)
         out.append((f"resume: a finished shard found by its id ({total:,} records in the folder, {n:,} looked up)",
                     f"{elapsed / n * 1e6:.0f} µs/shard, 0 listings"))
     return out

@@ -81,6 +81,7 @@ def _records(path: str) -> list[dict]:
 def ray_side(run_dir: str, steps: int, workers: int) -> dict[str, float]:
     import ray
 
+    from workers.run_records import TrainSummary, read_record
     from workers.train.driver import run_training
 
     imported = time.time()
@@ -89,15 +90,13 @@ def ray_side(run_dir: str, steps: int, workers: int) -> dict[str, float]:
     called = time.time()
     run_training(spec, echo=False)
     records = [r for r in _records(spec.run.metrics) if "loss" in r]
-    with open(spec.run.summary) as f:
-        first = json.load(f)
+    first = read_record(TrainSummary, spec.run.summary, spec.run.stage).timings  # rank 0's start-up marks
     # time a checkpoint load: set the final checkpoint aside and rerun the same run, which resumes from
     # the one before it (the same recipe: a longer run would change the LR schedule, which is refused)
     final = spec.run.checkpoint_step(steps)
     os.rename(final, final + "-set-aside")
     run_training(spec, echo=False)
-    with open(spec.run.summary) as f:
-        resumed = json.load(f)
+    resumed = read_record(TrainSummary, spec.run.summary, spec.run.stage).timings
     ray.shutdown()
     return {"step_s": _median_step_time([r["time"] for r in records]),
             "call_to_first_step_s": records[0]["time"] - called,
@@ -105,13 +104,13 @@ def ray_side(run_dir: str, steps: int, workers: int) -> dict[str, float]:
             # where the start-up goes (rank 0's marks)
             "startup": {"imports (torch, Ray, pofa)": imported - COMMAND_START,
                         "ray.init (local instance)": called - imported,
-                        "Ray Train: controller, worker group, process group": first["timings"]["entered_at"] - called,
-                        "worker build: model, DeepSpeed engine, data open": (first["timings"]["built_at"]
-                                                                             - first["timings"]["entered_at"]),
-                        "resume check": first["timings"]["resumed_at"] - first["timings"]["built_at"],
-                        "first step": records[0]["time"] - first["timings"]["resumed_at"]},
-            "save_s": first["timings"]["checkpoint_save_s"][-1],
-            "load_s": resumed["timings"]["checkpoint_load_s"]}
+                        "Ray Train: controller, worker group, process group": first["entered_at"] - called,
+                        "worker build: model, DeepSpeed engine, data open": (first["built_at"]
+                                                                             - first["entered_at"]),
+                        "resume check": first["resumed_at"] - first["built_at"],
+                        "first step": records[0]["time"] - first["resumed_at"]},
+            "save_s": first["checkpoint_save_s"][-1],
+            "load_s": resumed["checkpoint_load_s"]}
 
 
 def bare_side(run_dir: str, steps: int, workers: int) -> dict[str, float]:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.s3_server import BUCKET, S3Server, s3_server
 from tests.workers.train_fixture import read_weights
+from workers.run_records import TrainSummary, read_record
 from workers.storage import RunStore
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
@@ -119,9 +120,8 @@ def test_rerun_on_another_node_skips_finished_stages_and_resumes_the_student(run
         stats = json.load(f)["stats"]
     newest = int(runs["killed_at"][-1].split("step-")[1][:8])
     assert stats["final_step"] == 12 and stats["start_steps"] == [0, newest] and 4 <= newest < 12
-    with open(reader.local_path("student/train_summary.json")) as f:
-        summary = json.load(f)
-    assert summary["checkpoint"].startswith(f"s3://{BUCKET}/{PREFIX}/student/checkpoints/step-00000012")
+    summary = read_record(TrainSummary, reader.local_path("student/train_summary.json"), "student")
+    assert summary.checkpoint is not None and summary.checkpoint.startswith(f"s3://{BUCKET}/{PREFIX}/student/checkpoints/step-00000012")
 
 
 def test_checkpoints_are_committed_and_pruned_in_the_store(runs) -> None:

@@ -11,6 +11,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from workers.run_records import AttemptRecord, read_record_lines
+
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
 
 SHORT = ["preprocess.source.max_documents=30", "ray.num_cpus=2",
@@ -85,10 +87,11 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes_there(tiny_r
         assert len(steps) == 1 and steps[0] >= 6  # the step it was at, not a periodic checkpoint
         assert f"[{stage}] preempted at step {steps[0]}" in event["out"]
     assert f"[teacher] resuming from step {events['teacher_steps'][0]} (checkpoint teacher/checkpoints/step-" in student["out"]
-    teacher_attempts = [json.loads(line) for line in open(run_dir / "teacher" / "attempts.jsonl")]
-    assert [len(a["nodes"]) for a in teacher_attempts] == [2, 1]  # resumed on one worker instead of two
+    teacher_attempts = read_record_lines(AttemptRecord, str(run_dir / "teacher" / "attempts.jsonl"), "teacher")
+    assert [len(a.nodes) for a in teacher_attempts] == [2, 1]  # resumed on one worker instead of two
     assert f"[student] resuming from step {events['student_steps'][0]} (checkpoint student/checkpoints/step-" in out
-    starts = [json.loads(line)["start_step"] for line in open(run_dir / "student" / "attempts.jsonl")]
+    student_attempts = read_record_lines(AttemptRecord, str(run_dir / "student" / "attempts.jsonl"), "student")
+    starts = [a.start_step for a in student_attempts]
     assert starts == [0, events["student_steps"][0]]
 
 

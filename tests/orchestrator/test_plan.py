@@ -16,6 +16,7 @@ from orchestrator.recipe.load import load_recipe
 from orchestrator.rundir import RunDir, choose_run_dir
 from orchestrator.stages import STAGES, StageContext
 from workers.stage_outputs import PreprocessOutput, TrainingOutput
+from workers.run_records import CheckpointManifest, dump_record
 from workers.train.checkpointer import FORMAT, MANIFEST
 
 STAGES_RUN = ["preprocess", "teacher", "student"]
@@ -38,7 +39,9 @@ def _finish(rd: RunDir, recipe, stage: str) -> None:
 
 def _checkpoint(rd: RunDir, stage: str, step: int) -> None:
     rel = rd.layout.rel(rd.layout.training(stage).checkpoint_step(step))
-    rd.layout.store.write_json(f"{rel}/{MANIFEST}", {"format": FORMAT, "step": step, "world_size": 2, "files": {}})
+    manifest = CheckpointManifest(format=FORMAT, step=step, world_size=2, created=time.time(), parts=[], rank_parts=[],
+                                  files={})
+    rd.layout.store.write_json(f"{rel}/{MANIFEST}", dump_record(manifest))
 
 
 def _start(rd: RunDir, recipe, stage: str) -> None:

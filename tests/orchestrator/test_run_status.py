@@ -128,6 +128,15 @@ def test_a_manifest_from_an_older_version_is_one_line(killed, capsys) -> None:
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_a_failure_record_missing_a_field_is_one_line(killed, capsys) -> None:
+    path = killed.layout.failure("teacher")
+    json.dump({"type": "RuntimeError", "log": None, "time": 0.0}, open(path, "w"))  # no "error"
+    with pytest.raises(StatusError, match=f"{path}: field error is missing; redo the teacher stage"):
+        run_state(killed.path)
+    assert main(["status", killed.path]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
 def test_a_job_id_still_reaches_the_jobs_api(capsys, monkeypatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["status", "raysubmit_abc123"]) == 2  # the job command: no --address given

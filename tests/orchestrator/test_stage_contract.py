@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Optional
 
 import pytest
@@ -23,6 +24,7 @@ from orchestrator.stages.base import Stage, StageContext, StageResult
 from orchestrator.stall_budget import StallBudgetError, check_stall_budget
 from pipelines.atomic import file_sha256, write_json_atomic
 from workers.run_layout import RunLayout
+from workers.run_records import AttemptRecord, append_record
 from workers.stage_outputs import StageManifest
 
 PARTS = 3
@@ -145,8 +147,9 @@ def test_a_new_stage_runs_and_reads_right_everywhere(stage, tmp_path, capsys) ->
 def test_the_stall_budget_reads_the_stage_s_own_attempt_records(stage, tmp_path) -> None:
     layout = RunLayout.open(str(tmp_path / "run"))
     os.makedirs(layout.stage_dir("wordcount"))
-    with open(layout.path("wordcount", "attempts.jsonl"), "w") as f:
-        f.write(json.dumps({"start_step": 0, "startup_s": 42.0}) + "\n")
+    # the record a training attempt appends (workers.run_records), as the stage's own file
+    append_record(AttemptRecord(start_step=0, checkpoint=None, time=time.time(), startup_s=42.0),
+                  layout.path("wordcount", "attempts.jsonl"))
     check_stall_budget(43, layout, ["wordcount"])
     with pytest.raises(StallBudgetError, match="shorter than a start-up this run measured: 42 s"):
         check_stall_budget(41, layout, ["wordcount"])

@@ -10,7 +10,7 @@ from pipelines.data.sources import read_units
 from tests.workers.test_train_checkpoint import Trainer
 from tests.workers.train_fixture import make_preprocess
 from workers.jsonl import read_jsonl
-from workers.preprocess.tasks import ShardProcessor, read_shards, unit_batch
+from workers.preprocess.tasks import ShardProcessor, read_shards, shard_results, unit_batch
 from workers.run_layout import RunLayout
 from workers.stage_outputs import PreprocessOutput, read_output
 from workers.storage import RunStore
@@ -40,8 +40,8 @@ def test_a_damaged_shard_is_made_again_not_trusted_from_its_record(tmp_path) -> 
     units = read_units(cfg.source)
     processor = ShardProcessor(cfg.model_dump_json(), 0, layout)
     rows = next(read_shards(unit_batch(units), cfg.model_dump_json()))
-    again = json.loads(processor(rows).column("result").to_pylist()[0])
-    assert again["shards"]["train"]["sha256"] == shard.sha256  # made again, byte for byte
+    again = shard_results(processor(rows))[0]
+    assert again.shards["train"].sha256 == shard.sha256  # made again, byte for byte
 
 
 def test_a_checkpoint_read_that_fails_once_is_retried_not_set_aside(tmp_path, monkeypatch) -> None:

@@ -23,6 +23,7 @@ from pipelines.sparsity.masks import compute_masks
 from pipelines.sparsity.report import prunable_weights
 from tests.conftest import GENSIM_POLARITY
 from workers.run_layout import RunLayout
+from workers.run_records import TrainSummary, read_record
 from workers.train.spec import FaultInjection
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
@@ -170,8 +171,7 @@ def test_extractive_qa_windows_and_exports_a_locked_qa_model(ray_local, models, 
                  train_rows=stats["train"]["features"], qat=True)
     result = run_finetune(spec, echo=False)
     assert 0.0 <= result.metrics["eval/exact_match"] <= result.metrics["eval/f1"] <= 100.0
-    with open(spec.run.summary) as f:
-        quant = json.load(f)["quantization"]
+    quant = read_record(TrainSummary, spec.run.summary, spec.run.stage).quantization
     assert quant["quantized_layers"] == 12 and quant["pattern_zeros_kept"] == quant["pattern_zeros"] > 0
     assert quant["int8_bytes"] < quant["fp32_bytes"] and quant["quantized_weight_sparsity"] >= 0.9 - 1e-3
     dequant = load_int8(spec.run.model)

@@ -6,7 +6,7 @@ import os
 from pipelines.data.config import PreprocessConfig
 from pipelines.data.sources import read_units
 from tests.workers.train_fixture import make_preprocess
-from workers.preprocess.tasks import ShardProcessor, read_shards, unit_batch
+from workers.preprocess.tasks import ShardProcessor, read_shards, shard_results, unit_batch
 
 
 def test_finished_shards_are_looked_up_not_listed_nor_redone(tmp_path, monkeypatch) -> None:
@@ -25,10 +25,10 @@ def test_finished_shards_are_looked_up_not_listed_nor_redone(tmp_path, monkeypat
     monkeypatch.setattr(os, "scandir", no_listing)
     monkeypatch.setattr("workers.preprocess.tasks.process_shard",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("a finished shard was made again")))
-    records = [json.loads(r) for rows_ in rows for r in processor(rows_).column("result").to_pylist()]
+    records = [r for rows_ in rows for r in shard_results(processor(rows_))]
     monkeypatch.undo()
     assert len(records) == len(before) == 4
-    assert all(r["unit"] == 0 and r["read_span"][1] > r["read_span"][0] for r in records)
+    assert all(r.unit == 0 and r.read_span[1] > r.read_span[0] for r in records)
     after = {name: os.stat(os.path.join(layout.path("preprocess", ".shards"), name)).st_mtime_ns
              for name in os.listdir(layout.path("preprocess", ".shards"))}
     assert after == before  # no record rewritten

@@ -50,7 +50,9 @@ def test_a_processor_stuck_on_a_shard_is_stopped_with_its_stacks(tmp_path: Path)
     assert time.monotonic() - started < 100
     [record] = read_records(str(logs))
     assert record.name.startswith("preprocess processor-") and record.last_progress.startswith("shard 00000-")
-    assert "_finished" in record.where[-1] and "open(record_path)" in record.where[-1]
+    # blocked opening the shard's record (a FIFO): in the record reader, called from `_finished`
+    assert "read_record" in record.where[-1] and "open(path" in record.where[-1]
+    assert any("_finished" in frame for frame in record.where[:-1])
     assert "in _one" in Path(record.stacks).read_text()
     [logged] = [p.read_text() for p in logs.iterdir() if p.name.startswith("processor-")]  # its stdout and stderr
     assert "shard 0 done" in logged and "never" not in logged

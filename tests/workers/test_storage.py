@@ -14,6 +14,7 @@ from tests.workers.test_train_checkpoint import Trainer
 from workers.run_layout import RunLayout
 from workers.storage import RunStore, StorageError, mirror_for
 from workers.train.checkpoint_parts import DS_TAG
+from workers.run_records import CheckpointManifest, dump_record
 from workers.train.checkpointer import CORRUPT, FORMAT, MANIFEST, CheckpointError, file_owner
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed, a server or a subprocess pipeline
@@ -147,8 +148,9 @@ def test_resuming_with_another_worker_count_is_refused_before_training(store) ->
     from workers.train.preflight import check_checkpoint_world
 
     layout = _layout(store, "a")
-    layout.store.write_json("student/checkpoints/step-00000002/MANIFEST.json",
-                            {"format": FORMAT, "step": 2, "world_size": 2, "zero_stage": 2, "files": {}})
+    manifest = CheckpointManifest(format=FORMAT, step=2, world_size=2, created=0.0, parts=[], rank_parts=[], zero_stage=2,
+                                  files={})
+    layout.store.write_json(f"student/checkpoints/step-00000002/{MANIFEST}", dump_record(manifest))
     spec = SimpleNamespace(layout=layout, run=layout.training("student"), elastic=False,
                            train=SimpleNamespace(num_workers=1, zero_stage=2))
     with pytest.raises(ValueError, match="written by 2 workers.*num_workers=2"):

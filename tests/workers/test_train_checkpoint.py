@@ -22,7 +22,7 @@ from pipelines.sparsity.config import PruningConfig, ScheduleConfig
 from pipelines.training.schedule import linear_lr
 from workers.run_layout import RunLayout
 from workers.train.checkpoint_parts import DS_TAG, LRPosition, RNGState, ValuePart
-from workers.train.checkpointer import CORRUPT, MANIFEST, Checkpointer, CheckpointError
+from workers.train.checkpointer import CORRUPT, MANIFEST, Checkpointer, CheckpointError, read_manifest
 from workers.train.data import DataCursor
 
 
@@ -135,12 +135,12 @@ def test_two_ranks_save_their_own_parts_and_restore_them(tmp_path) -> None:
     assert all(json.load(open(f"{out}.{r}"))["ok"] for r in range(2))
     layout = RunLayout.open(root)
     step = layout.training("student").checkpoint_step(3)
-    manifest = json.load(open(os.path.join(step, MANIFEST)))
-    assert manifest["world_size"] == 2 and manifest["parts"] == ["lr", "model", "pruning", "train_state"]
-    files = set(manifest["files"])
+    manifest = read_manifest(layout, layout.rel(step), "student")
+    assert manifest.world_size == 2 and manifest.parts == ["lr", "model", "pruning", "train_state"]
+    files = set(manifest.files)
     assert {"rank-0.data.json", "rank-1.data.json", "rank-0.rng.json", "rank-1.rng.safetensors"} <= files
     assert {f"{DS_TAG}/zero_pp_rank_0_mp_rank_00_optim_states.pt", f"{DS_TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
-    assert all(len(info["sha256"]) == 64 for info in manifest["files"].values())
+    assert all(len(info.sha256) == 64 for info in manifest.files.values())
     with safe_open(os.path.join(step, "pruning.safetensors"), framework="pt") as f:  # tensors without pickle
         keys = set(f.keys())  # masks, and the stored values of a model without a master copy (this toy)
         assert all(k.startswith(("masks/", "stored/")) for k in keys)

@@ -11,6 +11,7 @@ from pipelines.models.config import ModelConfig
 from pipelines.training.config import TrainConfig
 from tests.workers.train_fixture import make_preprocess, make_teacher_export, tiny_train
 from workers.run_layout import RunLayout
+from workers.run_records import CheckpointManifest, TrainSummary, dump_record, write_record
 from workers.train.checkpointer import FORMAT, MANIFEST
 from workers.train.context import SafeTracker
 from workers.train.preflight import preflight
@@ -70,14 +71,16 @@ def test_student_needs_the_teacher_and_its_tokenizer(run_dir, tmp_path):
 def test_what_cannot_resume_on_another_worker_count_is_refused(run_dir, tmp_path):
     s = spec(run_dir, num_workers=2)
     step = s.run.checkpoint_step(2)
-    manifest = {"format": FORMAT, "step": 2, "world_size": 4, "zero_stage": 2, "files": {}}
-    s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)), manifest)
+    manifest = CheckpointManifest(format=FORMAT, step=2, world_size=4, created=0.0, parts=[], rank_parts=[], zero_stage=2,
+                                  files={})
+    s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)), dump_record(manifest))
     try:
         s.elastic = False  # a data cursor per worker, as fine-tuning keeps
         with pytest.raises(ValueError, match="written by 4 workers at ZeRO-2.*resumes only with num_workers=4"):
             preflight(s)
         s.elastic = True
-        s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)), {**manifest, "zero_stage": 0})
+        s.layout.store.write_json(s.layout.rel(os.path.join(step, MANIFEST)),
+                                  dump_record(manifest.model_copy(update={"zero_stage": 0})))
         with pytest.raises(ValueError, match="written at ZeRO-0; resuming it at ZeRO-2 is not supported"):
             preflight(s)
     finally:
@@ -143,10 +146,10 @@ def test_a_batch_digest_stays_in_the_local_record_and_is_no_tracked_metric(tmp_p
 
 
 def test_summary_fits_one_screen():
-    text = format_summary({"stage": "student", "final_step": 6, "max_steps": 6, "start_steps": [0, 2],
-                           "elapsed_s": 12.5, "world_size": 2, "global_batch_size": 16, "zero_stage": 2,
-                           "precision": "fp32", "model_dir": "/r/student/model", "checkpoint": "/r/c/step-6",
-                           "metrics": {"loss": 2.5, "val/mlm_acc": 0.1, "sparsity/global": 0.9}})
+    summary = TrainSummary(stage="student", final_step=6, max_steps=6, start_step=2, world_size=2, global_batch_size=16,
+                           zero_stage=2, precision="fp32", model_dir="/r/student/model", checkpoint="/r/c/step-6",
+                           metrics={"loss": 2.5, "val/mlm_acc": 0.1, "sparsity/global": 0.9})
+    text = format_summary(summary, [0, 2], 12.5)
     assert "student finished: step 6 of 6" in text and "[0, 2]" in text
     assert "sparsity/global=0.9000" in text and "/r/student/model" in text
     assert len(text.splitlines()) <= 10
@@ -189,8 +192,9 @@ class DyingAtLaunch:
             DyingAtLaunch.left.append(group)
             raise ControllerError(RayActorError())
         os.makedirs(self.spec.run.root, exist_ok=True)
-        with open(self.spec.run.summary, "w") as f:
-            json.dump({"final_step": 2}, f)
+        write_record(TrainSummary(stage=self.spec.run.name, final_step=2, max_steps=2, start_step=0, world_size=2,
+                                  global_batch_size=2, zero_stage=0, precision="fp32", model_dir=self.spec.run.model,
+                                  checkpoint=None, metrics={}), self.spec.run.summary)
 
 
 @pytest.mark.integration

@@ -16,6 +16,7 @@ from ray.train import TrainingFailedError
 from tests.workers.train_fixture import (checkpoint_masks, committed_steps, make_preprocess, make_teacher_export,
                                         start_ray, student_spec)
 from workers.train.checkpoint_parts import UNIVERSAL
+from workers.train.checkpointer import read_manifest
 from workers.train.driver import run_training
 from workers.train.spec import FaultInjection
 
@@ -94,6 +95,7 @@ def test_a_crashed_stage_resumes_on_another_worker_count(base, tmp_path_factory,
     differ = sum(int((final[k] != expected[k]).sum()) for k in final)
     assert differ <= 1e-3 * sum(m.numel() for m in final.values()), differ
     assert all(int(final[k].sum()) == int(expected[k].sum()) for k in final)
-    manifest = json.load(open(f"{resumed.run.checkpoint_step(CRASH_AT)}/MANIFEST.json"))
-    assert any(n.startswith(UNIVERSAL + "/") for n in manifest["files"])  # converted once, committed with it
-    assert json.load(open(f"{resumed.run.checkpoint_step(6)}/MANIFEST.json"))["world_size"] == after
+    layout, run = resumed.layout, resumed.run
+    manifest = read_manifest(layout, layout.rel(run.checkpoint_step(CRASH_AT)), run.stage)
+    assert any(n.startswith(UNIVERSAL + "/") for n in manifest.files)  # converted once, committed with it
+    assert read_manifest(layout, layout.rel(run.checkpoint_step(6)), run.stage).world_size == after

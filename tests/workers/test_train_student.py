@@ -24,6 +24,7 @@ from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, AutoMode
 
 from tests.workers.train_fixture import (checkpoint_masks, committed_steps, make_preprocess, make_teacher_export,
                                         read_losses, start_ray, student_spec)
+from workers.run_records import TrainSummary, read_record
 from workers.train.checkpoint_parts import DS_TAG
 from workers.train.driver import run_training
 
@@ -117,8 +118,8 @@ def test_student_metrics_and_frozen_teacher(killed_and_resumed):
     assert any(k.startswith("sparsity/layer/bert.encoder.layer.1.") for k in result.metrics)
     assert result.metrics["loss/kd"] > 0
     assert result.metrics["loss"] == pytest.approx(0.5 * result.metrics["loss/hard"] + 0.5 * result.metrics["loss/kd"])
-    with open(spec.run.summary) as f:
-        assert json.load(f)["teacher_frozen"] is True  # no grads, no optimizer state on the teacher
+    summary = read_record(TrainSummary, spec.run.summary, spec.run.stage)
+    assert summary.teacher_frozen is True  # no grads, no optimizer state on the teacher
 
 
 def test_student_logs_each_loss_term_and_the_mask_updates(killed_and_resumed):

@@ -44,7 +44,7 @@ def make_preprocess(run_dir: str, documents: int = 120, max_len: int = 32, seed:
     from pipelines.data.config import PreprocessConfig
     from pipelines.data.sources import read_units
     from workers.preprocess.job import finish_preprocess, prepare_tokenizer
-    from workers.preprocess.tasks import ShardProcessor, read_shards, unit_batch
+    from workers.preprocess.tasks import ShardProcessor, read_shards, shard_results, unit_batch
 
     layout = RunLayout.open(run_dir)
     os.makedirs(layout.root, exist_ok=True)
@@ -60,9 +60,8 @@ def make_preprocess(run_dir: str, documents: int = 120, max_len: int = 32, seed:
     units = read_units(cfg.source)
     batch = unit_batch(units)
     processor = ShardProcessor(cfg.model_dump_json(), seed, layout)
-    records = [json.loads(r) for rows in read_shards(batch, cfg.model_dump_json())
-               for r in processor(rows).column("result").to_pylist()]
-    stats, outputs, record = finish_preprocess(cfg, layout, sorted(records, key=lambda r: r["shard_id"]))
+    records = [r for rows in read_shards(batch, cfg.model_dump_json()) for r in shard_results(processor(rows))]
+    stats, outputs, record = finish_preprocess(cfg, layout, sorted(records, key=lambda r: r.shard_id))
     config = cfg.model_dump(mode="json")
     write_stage_manifest(layout, "preprocess", fingerprint(config), {}, config, stats, outputs, record, started)
     return layout

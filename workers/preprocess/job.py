@@ -6,7 +6,6 @@ when the processors fall behind.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,8 +22,9 @@ from pipelines.data.tokenizer import EncoderSpec, load_tokenizer, train_wordpiec
 from pipelines.atomic import atomic_dir
 from pipelines.data.masking import MaskingContract
 from pipelines.data.shard import SPLITS
-from workers.preprocess.tasks import ShardProcessor, read_shards
+from workers.preprocess.tasks import ShardProcessor, read_shards, shard_result
 from workers.run_layout import RunLayout
+from workers.run_records import ShardInfo, ShardRecord
 from workers.stage_outputs import PreprocessOutput
 
 
@@ -83,14 +83,14 @@ class SourceProgress:
         self.shards = self.tokens = self.documents = 0
         self.started = time.monotonic()
 
-    def add(self, record: dict) -> tuple[int, int, dict[str, float]]:
-        unit = record.get("unit")
-        unit = int(record["shard_id"].split("-")[0]) if unit is None else int(unit)  # a record of an older pofa
-        start, end = record.get("read_span") or (0.0, 0.0)  # none in a record from an older pofa
-        self.done += self.sizes.get(unit, 0) * max(0.0, float(end) - float(start))
+    def add(self, record: ShardRecord) -> tuple[int, int, dict[str, float]]:
+        # a record of an older pofa has no unit (its id's first part) and no read span ((0, 0): no progress)
+        unit = int(record.shard_id.split("-")[0]) if record.unit is None else record.unit
+        start, end = record.read_span
+        self.done += self.sizes.get(unit, 0) * max(0.0, end - start)
         self.shards += 1
-        self.tokens += int(record["stats"]["tokens"])
-        self.documents += sum(record["stats"]["documents"].values())
+        self.tokens += record.stats.tokens
+        self.documents += sum(record.stats.documents.values())
         elapsed = max(time.monotonic() - self.started, 1e-9)
         return min(int(self.done), self.total), self.total, {
             "shards": self.shards, "tokens": self.tokens, "documents": self.documents,
@@ -127,38 +127,38 @@ def run_preprocess(cfg: PreprocessConfig, seed: int, layout: RunLayout, log_dir:
     progress = SourceProgress(cfg, units)
     records = []
     for row in ds.iter_rows():
-        records.append(json.loads(row["result"]))
+        records.append(shard_result(row["result"]))
         if on_progress is not None:
             try:
                 on_progress(*progress.add(records[-1]))
             except Exception as exc:  # the console's trouble never stops the stage
                 logging.getLogger("pofa.preprocess").warning("progress report failed: %s", exc)
                 on_progress = None
-    records.sort(key=lambda r: r["shard_id"])
+    records.sort(key=lambda r: r.shard_id)
     layout.pull(layout.stage_dir("preprocess"))  # shards written on other nodes: into this node's copy too
     stats, files, record = finish_preprocess(cfg, layout, records, vocab_size=len(tokenizer))
     return {**stats, "read_units": len(units)}, files, record
 
 
-def finish_preprocess(cfg: PreprocessConfig, layout: RunLayout, records: list[dict],
+def finish_preprocess(cfg: PreprocessConfig, layout: RunLayout, records: list[ShardRecord],
                       vocab_size: Optional[int] = None) -> tuple[dict[str, Any], dict[str, str], PreprocessOutput]:
     """From the shards' completion records: statistics, output hashes and the typed output record."""
     files: dict[str, str] = {}
-    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    splits: dict[str, list[ShardInfo]] = {split: [] for split in SPLITS}
     # each split's folder resolved once: a realpath per shard (~8 lstat calls) dominated at 300k shards
     folders = {split: layout.stage_rel("preprocess", layout.split_dir(split)) for split in SPLITS}
     for r in records:
-        for split, shard in r["shards"].items():
-            name = shard["name"]
+        for split, shard in r.shards.items():
+            name = shard.name
             if os.path.basename(name) != name or name in ("", ".", ".."):
-                raise ValueError(f"shard record {r['shard_id']}: {name!r} is not a shard file name")
-            files[f"{folders[split]}/{name}"] = shard["sha256"]
+                raise ValueError(f"shard record {r.shard_id}: {name!r} is not a shard file name")
+            files[f"{folders[split]}/{name}"] = shard.sha256
             splits[split].append(shard)
     files.update(layout.file_hashes("preprocess", layout.tokenizer))
     if vocab_size is None:
         vocab_size = len(load_tokenizer(layout.tokenizer))
     record = PreprocessOutput(
-        splits={split: {"shards": shards, "rows": sum(s["rows"] for s in shards)} for split, shards in splits.items()},
+        splits={split: {"shards": shards, "rows": sum(s.rows for s in shards)} for split, shards in splits.items()},
         tokenizer=layout.rel(layout.tokenizer),
         masking=MaskingContract(kind=cfg.masking, masked_lm_prob=cfg.masked_lm_prob,
                                 max_predictions_per_seq=cfg.max_predictions_per_seq, copies=cfg.dupe_factor),
@@ -166,20 +166,20 @@ def finish_preprocess(cfg: PreprocessConfig, layout: RunLayout, records: list[di
     return aggregate_stats(records, cfg, vocab_size), files, record
 
 
-def aggregate_stats(records: list[dict], cfg: PreprocessConfig, vocab_size: int) -> dict[str, Any]:
+def aggregate_stats(records: list[ShardRecord], cfg: PreprocessConfig, vocab_size: int) -> dict[str, Any]:
     total: Counter = Counter()
     docs: Counter = Counter()
     inst: Counter = Counter()
     skipped: Counter = Counter()
     hist: Counter = Counter()
     for r in records:
-        s = r["stats"]
-        docs.update(s["documents"])
-        inst.update(s["instances"])
-        skipped.update(s["skipped"])
-        hist.update(s["length_histogram"])
-        for key in ("sentences", "tokens", "short_instances", "random_next", "masked_tokens", "maskable_tokens"):
-            total[key] += s[key]
+        s = r.stats
+        docs.update(s.documents)
+        inst.update(s.instances)
+        skipped.update(s.skipped)
+        hist.update(s.length_histogram)
+        total.update(sentences=s.sentences, tokens=s.tokens, short_instances=s.short_instances,
+                     random_next=s.random_next, masked_tokens=s.masked_tokens, maskable_tokens=s.maskable_tokens)
     n = inst["train"] + inst["validation"]
     return {
         "documents_train": docs["train"],

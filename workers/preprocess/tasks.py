@@ -13,9 +13,10 @@ from pipelines.data.documents import RawDocument, ReadPosition, SkipCounter
 from pipelines.data.shard import SPLITS, process_shard
 from pipelines.data.sources import ReadUnit, iter_items
 from pipelines.data.tokenizer import EncoderSpec
-from pipelines.atomic import file_sha256, write_json_atomic, write_parquet_atomic
+from pipelines.atomic import file_sha256, write_parquet_atomic
 from workers.log_files import OutputRedirect, worker_log
 from workers.run_layout import RunLayout
+from workers.run_records import ShardInfo, ShardRecord, dump_record, read_record, write_record
 from workers.stall_watchdog import StallWatchdog
 
 logger = logging.getLogger("pofa.preprocess")
@@ -125,19 +126,19 @@ class ShardProcessor:
         if self.watchdog is not None:
             self.watchdog.idle()  # ready: waiting for the first shard
 
-    def _finished(self, record_path: str) -> dict | None:
+    def _finished(self, record_path: str) -> Optional[ShardRecord]:
         """The completion record of a shard whose files are all there with their recorded hashes; a
-        shard that is missing or damaged (a full disk, a bad copy) is made again instead."""
+        shard that is missing or damaged (a full disk, a bad copy, a record that does not read as a
+        ShardRecord) is made again instead."""
         try:
-            with open(record_path) as f:
-                record = json.load(f)
-            for split, shard in record["shards"].items():
-                path = self.layout.shard(split, shard["name"])
+            record = read_record(ShardRecord, record_path, "preprocess")
+            for split, shard in record.shards.items():
+                path = self.layout.shard(split, shard.name)
                 if not os.path.exists(path):
                     self.layout.pull(path)
-                if not os.path.exists(path) or file_sha256(path) != shard["sha256"]:
+                if not os.path.exists(path) or file_sha256(path) != shard.sha256:
                     raise ValueError(f"{path} is missing or differs from its record")
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             logger.warning("preprocess: shard %s is redone: %s", os.path.basename(record_path)[:-5], exc)
             os.unlink(record_path)
             return None
@@ -149,35 +150,47 @@ class ShardProcessor:
         finally:
             if self.watchdog is not None:
                 self.watchdog.idle()
-        return pa.table({"shard_id": [r["shard_id"] for r in results], "result": [json.dumps(r) for r in results]})
+        return pa.table({"shard_id": [r.shard_id for r in results],
+                         "result": [json.dumps(dump_record(r)) for r in results]})
 
-    def _one(self, row: dict) -> dict:
+    def _one(self, row: dict) -> ShardRecord:
         sid = row["shard_id"]
         if self.watchdog is not None:
             self.watchdog.beat(f"shard {sid}")
         record_path = self.layout.shard_record(sid)
         if not os.path.exists(record_path):
             self.layout.pull(record_path)  # done by an earlier attempt on another node?
+        read_span = tuple(map(float, row.get("read_span") or (0.0, 0.0)))
         if os.path.exists(record_path):
             done = self._finished(record_path)
             if done is not None:  # found by its id, not by a listing; where it was read from is this run's
-                return {**done, "unit": row.get("unit"), "read_span": list(row.get("read_span") or (0.0, 0.0))}
+                return done.model_copy(update={"unit": row.get("unit"), "read_span": read_span})
         docs = [RawDocument(i, t, x, m) for i, t, x, m in zip(row["doc_ids"], row["titles"], row["texts"], row["markup"])]
         tables, stats = process_shard(docs, sid, self.cfg, self.seed, self.tokenizer)
         for reason, n in json.loads(row["reader_skipped"]).items():
             stats.skipped.skip(reason, n)
-        shards: dict[str, dict] = {}
+        shards: dict[str, ShardInfo] = {}
         written = []
         for split in SPLITS:
             if tables[split].num_rows:
                 name = f"shard-{sid}.parquet"
                 path = self.layout.shard(split, name)
-                shards[split] = {"name": name, "rows": tables[split].num_rows,
-                                 "sha256": write_parquet_atomic(tables[split], path)}
+                shards[split] = ShardInfo(name=name, rows=tables[split].num_rows,
+                                          sha256=write_parquet_atomic(tables[split], path))
                 written.append(path)
-        record = {"shard_id": sid, "unit": row.get("unit"), "stats": stats.as_dict(), "shards": shards,
-                  "read_span": list(row.get("read_span") or (0.0, 0.0))}
-        write_json_atomic(record, record_path)
+        record = ShardRecord(shard_id=sid, unit=row.get("unit"), stats=stats.as_dict(), shards=shards,
+                             read_span=read_span)
+        write_record(record, record_path)
         self.layout.push_files(written)  # the shard's files first, its completion record last
         self.layout.push_files([record_path])
         return record
+
+
+def shard_results(table: pa.Table) -> list[ShardRecord]:
+    """The records a ShardProcessor returned (its output table), for the driver."""
+    return [shard_result(text) for text in table.column("result").to_pylist()]
+
+
+def shard_result(text: str) -> ShardRecord:
+    """One shard's record as a processor sent it (the JSON of its completion record)."""
+    return ShardRecord.model_validate_json(text)

@@ -20,11 +20,11 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint
 
-from pipelines.atomic import write_json_atomic
 from pipelines.sparsity.callback import PruningCallback
 from workers import preemption
 from workers.jsonl import read_jsonl
 from workers.log_files import output_to, worker_log
+from workers.run_records import AttemptRecord, TrainSummary, append_record, read_record_lines, write_record
 from workers.stall_watchdog import StallWatchdog, stall_folder
 from workers.train.checkpoint_parts import EnginePart, LRPosition, RNGState, ValuePart
 from workers.train.checkpointer import Checkpointer
@@ -177,13 +177,12 @@ class BaseWorker:
             self.layout.pull(self.run.attempts)  # the history of earlier attempts, maybe from another node
             self.layout.pull(self.run.metrics)
             read_jsonl(self.run.metrics)  # a torn last line (a kill mid-write, a full disk) is cut before appending
-            read_jsonl(self.run.attempts)
-            with open(self.run.attempts, "a") as f:
-                # startup_s: worker start to resumed, the figure a rerun's stall_timeout_s is checked against
-                f.write(json.dumps({"start_step": self.step, "checkpoint": self.last_checkpoint, "time": time.time(),
-                                    "nodes": nodes, "startup_s": round(time.perf_counter() - self._started, 1)})
-                        + "\n")
-            attempts = len(read_jsonl(self.run.attempts))
+            earlier = read_record_lines(AttemptRecord, self.run.attempts, self.run.stage)
+            # startup_s: worker start to resumed, the figure a rerun's stall_timeout_s is checked against
+            append_record(AttemptRecord(start_step=self.step, checkpoint=self.last_checkpoint, time=time.time(),
+                                        nodes=nodes, startup_s=round(time.perf_counter() - self._started, 1)),
+                          self.run.attempts)
+            attempts = len(earlier) + 1
             # the latest attempt's start; attempts > 1 means a restart (worker failure or rerun)
             self.tracker.tags({f"{self.run.name}.start_step": str(self.step),
                                f"{self.run.name}.attempts": str(attempts)})
@@ -331,14 +330,14 @@ def _run_worker(make_worker: Callable[[int, int, torch.device], BaseWorker], spe
     extra = {} if preempted else worker.summary_extra()  # may be collective
     watchdog.beat("writing the summary")
     if worker.is_rank0:
-        summary = {"stage": worker.run.name, "final_step": worker.step, "max_steps": cfg.max_steps,
-                   "preempted": preempted,
-                   "start_step": start_step, "world_size": worker.world, "global_batch_size": cfg.global_batch_size,
-                   "zero_stage": cfg.zero_stage, "precision": cfg.precision, "model_dir": worker.run.model,
-                   "checkpoint": worker.last_checkpoint, "metrics": worker.last_metrics,
-                   "export_sparsity": report.get("global_sparsity"), "quantization": report.get("qat"),
-                   "attempt_elapsed_s": time.time() - started, "timings": worker.timings, **extra}
-        write_json_atomic(summary, worker.run.summary)
+        summary = TrainSummary(stage=worker.run.name, final_step=worker.step, max_steps=cfg.max_steps,
+                               preempted=preempted, start_step=start_step, world_size=worker.world,
+                               global_batch_size=cfg.global_batch_size, zero_stage=cfg.zero_stage,
+                               precision=cfg.precision, model_dir=worker.run.model,
+                               checkpoint=worker.last_checkpoint, metrics=worker.last_metrics,
+                               export_sparsity=report.get("global_sparsity"), quantization=report.get("qat"),
+                               attempt_elapsed_s=time.time() - started, timings=worker.timings, **extra)
+        write_record(summary, worker.run.summary)
         worker.tracker.artifact(worker.run.summary)
         worker.tracker.flush()
     worker.push_run_files()  # rank 0: export and summary to the store, for the driver on any node

@@ -35,6 +35,8 @@ from safetensors import safe_open
 
 from pipelines.atomic import file_sha256
 from workers.run_layout import RunLayout, StorageError, TrainRunLayout
+from workers.run_records import (CheckpointFile, CheckpointManifest, CorruptRecord, RecordError, dump_record,
+                                 parse_record)
 from workers.train.checkpoint_parts import DS_TAG, UNIVERSAL, EnginePart, Stateful, load_state, save_state
 from workers.train.context import barrier, broadcast_from_rank0, gather
 
@@ -96,14 +98,20 @@ def committed_checkpoints(layout: RunLayout, run: TrainRunLayout) -> list[tuple[
     return sorted(found, reverse=True)
 
 
-def read_manifest(layout: RunLayout, rel_step: str) -> dict[str, Any]:
-    """A committed checkpoint's MANIFEST.json; CheckpointError when another pofa version wrote it."""
-    manifest = layout.store.read_json(f"{rel_step}/{MANIFEST}")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{layout.store.where(rel_step)}/{MANIFEST}: written by another pofa version "
-                              f"(format {manifest.get('format') if isinstance(manifest, dict) else '?'}, "
+def read_manifest(layout: RunLayout, rel_step: str, stage: str) -> CheckpointManifest:
+    """A committed checkpoint's MANIFEST.json; CheckpointError when another pofa version wrote it or a
+    field is missing or invalid (never set aside: it names the file, the field and the `stage` to redo).
+    An unreadable file (not JSON, not there) raises ValueError/OSError as the store does."""
+    where = f"{layout.store.where(rel_step)}/{MANIFEST}"
+    raw = layout.store.read_json(f"{rel_step}/{MANIFEST}")
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: written by another pofa version "
+                              f"(format {raw.get('format') if isinstance(raw, dict) else '?'}, "
                               f"this pofa reads {FORMAT})")
-    return manifest
+    try:
+        return parse_record(CheckpointManifest, raw, where, stage)
+    except RecordError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 class Checkpointer:
@@ -128,8 +136,8 @@ class Checkpointer:
         """(step, path relative to the run) of committed checkpoints, newest first."""
         return committed_checkpoints(self.layout, self.run)
 
-    def manifest(self, rel_step: str) -> dict[str, Any]:
-        return read_manifest(self.layout, rel_step)
+    def manifest(self, rel_step: str) -> CheckpointManifest:
+        return read_manifest(self.layout, rel_step, self.run.stage)
 
     def _required(self, world: int) -> list[str]:
         required = [f"{p}.json" for p in self.parts]
@@ -145,16 +153,16 @@ class Checkpointer:
             raise
         except (OSError, ValueError, StorageError) as exc:  # unreadable: not usable
             return f"no readable {MANIFEST} ({exc})"
-        files = manifest.get("files", {})
-        missing = [f for f in self._required(int(manifest.get("world_size", 0))) if f not in files]
+        files = manifest.files
+        missing = [f for f in self._required(manifest.world_size) if f not in files]
         if self.engine is not None and not any(f.startswith(DS_TAG + "/") for f in files):
             missing.append(DS_TAG + "/")
         if missing:
             return f"incomplete: missing {missing}"
         stored = {name: size for name, (size, _) in self.layout.store.listing(rel_step).items()}
         for name, info in files.items():
-            if stored.get(name) != info["size"]:
-                return f"{name}: stored {stored.get(name)} bytes, manifest says {info['size']}"
+            if stored.get(name) != info.size:
+                return f"{name}: stored {stored.get(name)} bytes, manifest says {info.size}"
         return None
 
     # -- save -------------------------------------------------------------------------------------
@@ -180,7 +188,7 @@ class Checkpointer:
             self._clear_step(rel_step)
         barrier()
         problem: Optional[str] = None
-        files: dict[str, dict[str, Any]] = {}
+        files: dict[str, CheckpointFile] = {}
         try:
             self._write_parts(staging, step)
             for name in _walk(staging):
@@ -188,7 +196,7 @@ class Checkpointer:
                 bad = check_file(path)
                 if bad:
                     raise CheckpointError(f"checkpoint file {name} does not read back: {bad}")
-                files[name] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+                files[name] = CheckpointFile(size=os.path.getsize(path), sha256=file_sha256(path))
             for name in files:
                 self.layout.store.publish(os.path.join(staging, name), f"{rel_step}/{name}")
         except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
@@ -238,28 +246,28 @@ class Checkpointer:
         elif names:
             self.layout.store.delete(rel_step)
 
-    def _commit(self, rel_step: str, step: int, reported: list[dict[str, dict[str, Any]]]) -> Optional[str]:
+    def _commit(self, rel_step: str, step: int, reported: list[dict[str, CheckpointFile]]) -> Optional[str]:
         """Rank 0: the stored folder must hold exactly what the ranks wrote; then MANIFEST.json."""
-        files: dict[str, dict[str, Any]] = {}
+        files: dict[str, CheckpointFile] = {}
         for rank, part in enumerate(reported):
             for name, info in part.items():
-                if name in files and files[name]["sha256"] != info["sha256"]:
+                if name in files and files[name].sha256 != info.sha256:
                     return f"{name} was written differently by two ranks (the last one was rank {rank})"
                 files[name] = info
         stored = {name: size for name, (size, _) in self.layout.store.listing(rel_step).items()}
         for name, info in files.items():
-            if stored.get(name) != info["size"]:
-                return f"{name}: stored {stored.get(name)} bytes, rank wrote {info['size']}"
-        manifest = {"format": FORMAT, "step": step, "world_size": self.world, "created": time.time(),
-                    "parts": sorted(self.parts), "rank_parts": sorted(self.rank_parts), **self.meta,
-                    "files": dict(sorted(files.items()))}
+            if stored.get(name) != info.size:
+                return f"{name}: stored {stored.get(name)} bytes, rank wrote {info.size}"
+        manifest = CheckpointManifest(format=FORMAT, step=step, world_size=self.world, created=time.time(),
+                                      parts=sorted(self.parts), rank_parts=sorted(self.rank_parts), **self.meta,
+                                      files=dict(sorted(files.items())))
         missing = [f for f in self._required(self.world) if f not in files]
         if missing:
             return f"incomplete: missing {missing}"
         lost = self.layout.store.lease_problem()  # a run taken over elsewhere is never written to
         if lost:
             return lost
-        self.layout.store.write_json(f"{rel_step}/{MANIFEST}", manifest)
+        self.layout.store.write_json(f"{rel_step}/{MANIFEST}", dump_record(manifest))
         return None
 
     # -- restore ----------------------------------------------------------------------------------
@@ -277,13 +285,13 @@ class Checkpointer:
             manifest = self.manifest(choice)
             mine = self._my_files(choice, manifest)
             for attempt in range(READ_ATTEMPTS):  # the same count on every rank: the gathers stay in step
-                folder, problems = self._fetch(choice, int(manifest["step"]), mine)
+                folder, problems = self._fetch(choice, manifest.step, mine)
                 if not problems:
                     try:
                         self._load_parts(folder)
                     finally:
                         self.layout.store.discard_fetched(folder)  # DeepSpeed holds it in memory now
-                    return int(manifest["step"]), self.layout.store.where(choice)
+                    return manifest.step, self.layout.store.where(choice)
                 self.layout.store.discard_fetched(folder)
                 if attempt + 1 < READ_ATTEMPTS:  # a read error may pass: only a repeated one sets it aside
                     self.warn(f"checkpoint {self.layout.store.where(choice)} did not read back ({problems[0]}); "
@@ -292,28 +300,28 @@ class Checkpointer:
             if self.rank == 0:
                 self.set_aside(choice, "; ".join(problems))
 
-    def _my_files(self, choice: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    def _my_files(self, choice: str, manifest: CheckpointManifest) -> dict[str, CheckpointFile]:
         """The files this rank loads: the shared ones and its own. On another worker count (elastic)
         the engine comes from the universal form and the old ranks' shards are not read; a rank that
         did not exist then starts its own parts (RNG) afresh."""
-        files = manifest["files"]
-        if int(manifest["world_size"]) == self.world:
+        files, world = manifest.files, manifest.world_size
+        if world == self.world:
             return {n: i for n, i in files.items() if file_owner(n) in (None, self.rank)}
         where = self.layout.store.where(choice)
         if self.rank_parts.keys() - {"rng"}:
-            raise CheckpointError(f"{where} was written by {manifest['world_size']} workers: this run keeps a data "
-                                  f"cursor per worker, so it resumes only with num_workers={manifest['world_size']} "
+            raise CheckpointError(f"{where} was written by {world} workers: this run keeps a data "
+                                  f"cursor per worker, so it resumes only with num_workers={world} "
                                   f"(got {self.world})")
         universal = [n for n in files if n.startswith(UNIVERSAL + "/")]
         if self.engine is not None and self.engine.universal != bool(universal):
-            raise CheckpointError(f"{where} was written by {manifest['world_size']} workers and has "
+            raise CheckpointError(f"{where} was written by {world} workers and has "
                                   f"{'a' if universal else 'no'} universal form; this run has {self.world} workers "
                                   "(the driver converts the newest checkpoint before the workers start)")
         skip = DS_TAG + "/" if universal else None
         return {n: i for n, i in files.items()
                 if file_owner(n) in (None, self.rank) and not (skip and n.startswith(skip))}
 
-    def _fetch(self, choice: str, step: int, mine: Mapping[str, Any]) -> tuple[str, list[str]]:
+    def _fetch(self, choice: str, step: int, mine: Mapping[str, CheckpointFile]) -> tuple[str, list[str]]:
         """This rank's share into a local folder, checked; the problems every rank found."""
         folder = self._staging(step, "restore")
         problem = None
@@ -360,8 +368,8 @@ class Checkpointer:
             manifest = self.layout.store.read_json(f"{rel_step}/{MANIFEST}")
         except Exception:  # noqa: BLE001 - an unreadable manifest is itself the problem
             manifest = None
-        self.layout.store.write_json(f"{rel_step}/{CORRUPT}", {"reason": reason, "manifest": manifest,
-                                                               "time": time.time()})
+        corrupt = CorruptRecord(reason=reason, manifest=manifest, time=time.time())
+        self.layout.store.write_json(f"{rel_step}/{CORRUPT}", dump_record(corrupt))
         self.layout.store.delete(f"{rel_step}/{MANIFEST}")  # never loaded from here on, even if the move fails
         aside = self._move_aside(rel_step)
         self.warn(f"checkpoint {self.layout.store.where(rel_step)} is unusable ({reason}); set aside as "
@@ -374,14 +382,14 @@ class Checkpointer:
         return aside
 
 
-def _check_fetched(folder: str, files: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
+def _check_fetched(folder: str, files: Mapping[str, CheckpointFile]) -> Optional[str]:
     """Every file this rank loads has the size and sha256 the commit recorded (before any unpickling)."""
     for name, info in files.items():
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             return f"{name} is missing"
-        if os.path.getsize(path) != info["size"]:
-            return f"{name}: {os.path.getsize(path)} bytes, the manifest says {info['size']}"
-        if file_sha256(path) != info["sha256"]:
+        if os.path.getsize(path) != info.size:
+            return f"{name}: {os.path.getsize(path)} bytes, the manifest says {info.size}"
+        if file_sha256(path) != info.sha256:
             return f"{name}: sha256 differs from the one recorded at commit"
     return None

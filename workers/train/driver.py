@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -15,7 +14,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from workers import preemption
 from workers.console_lines import say
 from workers.errors import first_line
-from workers.jsonl import read_jsonl
+from workers.run_records import AttemptRecord, TrainSummary, read_record, read_record_lines
 from workers.stall_watchdog import StallError, StallRecord, read_records, stall_folder
 from workers.train.elastic import prepare_resume
 from workers.train.pretraining_worker import train_loop
@@ -84,11 +83,11 @@ def fit_with_retries(spec: Any, loop: Callable[[dict], None],
                 finally:
                     stalls = reporter.finish()
             summary = _read_summary(spec)
-            if not summary.get("preempted"):
+            if not summary.preempted:
                 return
             if preemption.run_must_stop(started):
-                raise preemption.Preempted(spec.run.name, summary.get("final_step"), summary.get("checkpoint"))
-            say(f"[{spec.run.name}] a node or worker was preempted at step {summary.get('final_step')}: "
+                raise preemption.Preempted(spec.run.name, summary.final_step, summary.checkpoint)
+            say(f"[{spec.run.name}] a node or worker was preempted at step {summary.final_step}: "
                 "resuming from its checkpoint")
             delay = cfg.retry_backoff_s
         except TrainingFailedError as exc:
@@ -214,11 +213,10 @@ class StallReporter:
                 say(f"[{self.spec.run.name}] stalled: {record.line()}; that attempt was stopped and is retried")
 
 
-def _read_summary(spec: Any) -> dict[str, Any]:
+def _read_summary(spec: Any) -> TrainSummary:
     """The finished attempt's summary (rank 0 may have run on another node: its files come first)."""
     spec.layout.pull(spec.run.root)
-    with open(spec.run.summary) as f:
-        return json.load(f)
+    return read_record(TrainSummary, spec.run.summary, spec.run.stage)
 
 
 def _newest_step(spec: Any) -> int:
@@ -241,10 +239,10 @@ def run_training(spec: Any, *, echo: bool = True, loop: Callable[[dict], None] =
         os.remove(run.summary)  # the summary describes the attempt that finishes now
     fit_with_retries(spec, loop)
     summary = _read_summary(spec)
-    summary["start_steps"] = [a["start_step"] for a in read_jsonl(run.attempts)]
-    summary["elapsed_s"] = time.time() - started
+    start_steps = [a.start_step for a in read_record_lines(AttemptRecord, run.attempts, run.stage)]
+    elapsed_s = time.time() - started
     if echo:
-        print(format_summary(summary), flush=True)
-    return TrainResult(stage=run.name, model_dir=run.model, final_step=summary["final_step"],
-                       metrics=summary["metrics"], checkpoint=summary["checkpoint"],
-                       start_steps=summary["start_steps"], elapsed_s=summary["elapsed_s"], summary=summary)
+        print(format_summary(summary, start_steps, elapsed_s), flush=True)
+    return TrainResult(stage=run.name, model_dir=run.model, final_step=summary.final_step,
+                       metrics=dict(summary.metrics), checkpoint=summary.checkpoint,
+                       start_steps=start_steps, elapsed_s=elapsed_s, summary=summary)

@@ -22,6 +22,7 @@ from typing import Any
 from pipelines.atomic import file_sha256
 from workers.train.checkpoint_parts import DS_TAG, UNIVERSAL
 from workers.run_layout import RunLayout, TrainRunLayout
+from workers.run_records import CheckpointFile, CheckpointManifest, dump_record
 from workers.train.checkpointer import MANIFEST, committed_checkpoints, read_manifest
 
 
@@ -34,8 +35,9 @@ def prepare_resume(spec: Any) -> None:
     if not committed:
         return
     rel = committed[0][1]
-    manifest = read_manifest(layout, rel)
-    world, stage = int(manifest["world_size"]), manifest.get("zero_stage", cfg.zero_stage)
+    manifest = read_manifest(layout, rel, run.stage)
+    # a checkpoint written without the ZeRO stage in its manifest was written at this run's
+    world, stage = manifest.world_size, cfg.zero_stage if manifest.zero_stage is None else manifest.zero_stage
     if world == cfg.num_workers and stage == cfg.zero_stage:
         return
     where = layout.store.where(rel)
@@ -52,10 +54,10 @@ def prepare_resume(spec: Any) -> None:
     spec.resume_universal = True
 
 
-def make_universal(layout: RunLayout, run: TrainRunLayout, rel: str, manifest: dict[str, Any]) -> None:
+def make_universal(layout: RunLayout, run: TrainRunLayout, rel: str, manifest: CheckpointManifest) -> None:
     """Add the universal form of checkpoint `rel`'s DeepSpeed files to it and commit it again (the
     manifest, written last, lists the new files with their sha256). Done once per checkpoint."""
-    files = manifest["files"]
+    files = manifest.files
     if any(name.startswith(UNIVERSAL + "/") for name in files):
         return
     store = layout.store
@@ -68,14 +70,15 @@ def make_universal(layout: RunLayout, run: TrainRunLayout, rel: str, manifest: d
         _convert(os.path.join(source, DS_TAG), os.path.join(out, DS_TAG))
         with open(os.path.join(out, "latest_universal"), "w") as f:
             f.write(DS_TAG)
-        added = {}
+        added: dict[str, CheckpointFile] = {}
         for base, _, names in os.walk(out):
             for name in names:
                 path = os.path.join(base, name)
                 key = f"{UNIVERSAL}/{os.path.relpath(path, out)}".replace(os.sep, "/")
-                added[key] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+                added[key] = CheckpointFile(size=os.path.getsize(path), sha256=file_sha256(path))
                 store.publish(path, f"{rel}/{key}")
-        store.write_json(f"{rel}/{MANIFEST}", {**manifest, "files": dict(sorted({**files, **added}.items()))})
+        recommitted = manifest.model_copy(update={"files": dict(sorted({**files, **added}.items()))})
+        store.write_json(f"{rel}/{MANIFEST}", dump_record(recommitted))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         store.discard_fetched(os.path.join(work, "in"))

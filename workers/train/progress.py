@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Mapping, Sequence
+
+from workers.run_records import TrainSummary
 
 
 class Progress:
@@ -26,21 +28,22 @@ class Progress:
         return None
 
 
-def format_summary(summary: Mapping[str, Any]) -> str:
-    """One screen: what ran, from where, how it ended, where the model is."""
-    m = summary.get("metrics", {})
+def format_summary(summary: TrainSummary, start_steps: Sequence[int], elapsed_s: float) -> str:
+    """One screen: what ran, from where, how it ended, where the model is. `start_steps` and
+    `elapsed_s` cover every attempt, which the summary (of the last one) does not."""
+    m = summary.metrics
     lines = [
-        f"== {summary['stage']} finished: step {summary['final_step']} of {summary['max_steps']}"
-        f" (attempts started at steps {summary.get('start_steps', [])}) in {summary.get('elapsed_s', 0):.1f}s",
-        f"   workers {summary.get('world_size')}  global batch {summary.get('global_batch_size')}"
-        f"  ZeRO {summary.get('zero_stage')}  {summary.get('precision')}",
+        f"== {summary.stage} finished: step {summary.final_step} of {summary.max_steps}"
+        f" (attempts started at steps {list(start_steps)}) in {elapsed_s:.1f}s",
+        f"   workers {summary.world_size}  global batch {summary.global_batch_size}"
+        f"  ZeRO {summary.zero_stage}  {summary.precision}",
     ]
     keys = ["loss", "loss/hard", "loss/kd", "val/loss", "val/mlm_acc", "val/nsp_acc", "sparsity/global",
             "throughput/samples_per_s"]
     shown = [f"{k}={m[k]:.4f}" for k in keys if k in m]
     if shown:
         lines.append("   " + "  ".join(shown))
-    lines.append(f"   model: {summary.get('model_dir')}")
-    if summary.get("checkpoint"):
-        lines.append(f"   last checkpoint: {summary['checkpoint']}")
+    lines.append(f"   model: {summary.model_dir}")
+    if summary.checkpoint:
+        lines.append(f"   last checkpoint: {summary.checkpoint}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from pipelines.models.config import ModelConfig
 from pipelines.sparsity.config import PruningConfig
 from pipelines.training.config import TrainConfig
 from workers.run_layout import RunLayout, TrainRunLayout
+from workers.run_records import TrainSummary
 from workers.tracking import NullTracker, Tracker
 
 Stage = Literal["teacher", "student"]
@@ -99,4 +100,4 @@ class TrainResult:
     checkpoint: Optional[str]  # the final step-N checkpoint
     start_steps: list[int]  # the step each attempt (first run, restarts, reruns) started from
     elapsed_s: float
-    summary: dict[str, Any] = field(default_factory=dict)  # the attempt's train_summary.json
+    summary: TrainSummary  # the last attempt's train_summary.json
