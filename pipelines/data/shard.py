@@ -20,7 +20,7 @@ from pipelines.data.instances import PairSettings, instances_from_document, pack
 from pipelines.data.masking import MaskSettings, mask_instance
 from pipelines.data.sentences import split_lines, split_sentences
 from pipelines.data.split import is_validation
-from pipelines.data.wikitext import clean_wikitext, is_disambiguation, parse
+from pipelines.data.wikitext import clean_page
 
 SPLITS = ("train", "validation")
 
@@ -64,14 +64,13 @@ def clean_document(doc: RawDocument, skipped: SkipCounter) -> str | None:
     text = doc.text
     if doc.markup == "wikitext":
         try:
-            code = parse(text)
+            disambiguation, text = clean_page(text)
         except Exception:  # noqa: BLE001 - the parser's errors are not typed; count the document
             skipped.skip("unparseable")
             return None
-        if is_disambiguation(code):
+        if disambiguation:
             skipped.skip("disambiguation")
             return None
-        text = clean_wikitext(code)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates (e.g. from surrogateescape): the tokenizer cannot take them

@@ -2,7 +2,9 @@
 
 Templates, tables, references, comments, files/categories/interwiki links and headings are dropped;
 links and formatting render as their visible text. One linear walk over the parse tree (node removal
-in mwparserfromhell searches the tree each time, which is quadratic on long articles).
+in mwparserfromhell searches the tree each time, which is quadratic on long articles); `clean_page` walks
+the parser's token stream instead (pipelines/data/wikitext_tokens.py) and needs the tree only for the
+token shapes that walker leaves to it.
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from mwparserfromhell.nodes import (Argument, Comment, ExternalLink, Heading, HT
                                     Wikilink)
 from mwparserfromhell.wikicode import Wikicode
 
+from pipelines.data.wikitext_tokens import TokenRenderer, tokenize
+
 # Tags whose content is never prose.
-_DROP_TAGS = {"ref", "references", "table", "gallery", "math", "chem", "score", "timeline", "syntaxhighlight",
+_DROP_TAGS = frozenset({"ref", "references", "table", "gallery", "math", "chem", "score", "timeline", "syntaxhighlight",
               "source", "pre", "code", "imagemap", "graph", "mapframe", "hiero", "templatedata", "noinclude",
-              "includeonly", "div", "sup", "sub", "br"}
+              "includeonly", "div", "sup", "sub", "br"})
 # Link namespaces that render no prose (files, categories) and interlanguage links like [[fr:...]].
 _DROP_LINK = re.compile(r"^\s*:?\s*(file|image|media|category|wikipedia|wp|template|help|portal|special|"
                         r"[a-z]{2,3}(-[a-z]+)?)\s*:", re.IGNORECASE)
@@ -32,6 +36,22 @@ def parse(wikitext: str) -> Wikicode:
     return mwparserfromhell.parse(wikitext, skip_style_tags=True)
 
 
+def clean_page(wikitext: str) -> tuple[bool, str]:
+    """(is a disambiguation page, its visible prose): what `is_disambiguation(parse(t))` and
+    `clean_wikitext(parse(t))` give, from the token stream when it can (no node tree: a fraction of the
+    CPU), else from the tree. Raises what `parse` raises on text the parser cannot take."""
+    try:
+        walker = TokenRenderer(tokenize(wikitext), _DROP_LINK.match, _DROP_TAGS)
+        pieces = walker.render()
+    except Exception:  # noqa: BLE001 - Unsupported, or the parser's own error: the tree decides
+        code = parse(wikitext)
+        disambiguation = is_disambiguation(code)
+        return disambiguation, "" if disambiguation else clean_wikitext(code)
+    if any(_DISAMBIG.match(name) for name in walker.names):
+        return True, ""
+    return False, _finish(pieces)
+
+
 def is_disambiguation(code: Wikicode) -> bool:
     """True when the page carries a disambiguation template at top level."""
     return any(isinstance(n, Template) and _DISAMBIG.match(str(n.name)) for n in code.nodes)
@@ -43,7 +63,11 @@ def clean_wikitext(code: Wikicode | str) -> str:
         code = parse(code)
     out: list[str] = []
     _render(code, out)
-    return _normalise(_QUOTE_MARKUP.sub("", "".join(out)))
+    return _finish(out)
+
+
+def _finish(pieces: list[str]) -> str:
+    return _normalise(_QUOTE_MARKUP.sub("", "".join(pieces)))
 
 
 def _render(code: Wikicode, out: list[str]) -> None:
