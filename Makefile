@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile deploy/check_toolchain.sh
 	deploy/check_toolchain.sh $(PY)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	echo "torch==$$($(PY) -c 'import torch; print(torch.__version__)')" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,bench]"
 	$(PY) -c "import torch; gpu = torch.cuda.is_available(); print('pofa: torch', torch.__version__, 'GPU' if gpu else 'CPU')"
 # DeepSpeed's native ops, compiled once now rather than at a run's first training step
 	$(VENV)/bin/pofa doctor --build-ops
